@@ -2,14 +2,17 @@
 
 Each parser takes the raw YAML value and returns a plain number in base units
 (seconds, bytes, a fraction of 1). Each raises ValueError with a message that
-shows the value and an accepted example, so config errors can name the fix.
+shows the value as it was written and an accepted form, so config errors can
+name the fix. `show_value` renders a value the way these messages quote it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
-__all__ = ["parse_duration", "parse_size", "parse_ratio"]
+__all__ = ["parse_duration", "parse_ratio", "parse_size", "show_value"]
 
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -28,16 +31,37 @@ _SIZE_UNITS = {
     "TB": 10**12,
 }
 
-_NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z%]*)\s*$")
+# A sign is accepted here only so that a negative value gets its own message.
+_NUMBER_WITH_UNIT = re.compile(r"^\s*([-+]?[0-9]+(?:\.[0-9]+)?)\s*([A-Za-z%]*)\s*$")
+
+
+def show_value(value: object) -> str:
+    """Render a YAML value for an error message, in YAML flow style.
+
+    Strings are double-quoted and None, True and False are written as YAML
+    writes them. Long lists and mappings are cut at 60 characters.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, list, dict)):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return repr(value)
 
 
 def parse_duration(value: object) -> float:
     """Parse a duration such as `250ms`, `2s`, `1.5m` or `1h` into seconds."""
-    unit, number = _split(value, "duration", "250ms, 2s, 1m")
+    number, unit = _split(value, "duration", "a number with a unit, such as 250ms, 2s or 1m")
+    if not unit:
+        raise ValueError(
+            f"invalid duration {show_value(value)}: a unit is required, "
+            f'such as "{_plain(number)}s" or "{_plain(number)}ms"'
+        )
     if unit not in _DURATION_UNITS:
         raise ValueError(
-            f"invalid duration {value!r}: unit {unit or '(none)'!r} is not one of "
-            f"{', '.join(_DURATION_UNITS)} (example: 250ms, 2s)"
+            f'invalid duration {show_value(value)}: unknown unit "{unit}": use one of {", ".join(_DURATION_UNITS)}'
         )
     return number * _DURATION_UNITS[unit]
 
@@ -50,36 +74,62 @@ def parse_size(value: object) -> int:
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f"invalid size {value!r}: must not be negative")
+            raise ValueError(f"invalid size {show_value(value)}: must not be negative")
         return value
-    unit, number = _split(value, "size", "64KiB, 10MiB, 1GiB")
+    number, unit = _split(value, "size", "a number with a unit, such as 64KiB or 10MiB")
     if unit not in _SIZE_UNITS:
         raise ValueError(
-            f"invalid size {value!r}: unit {unit or '(none)'!r} is not one of "
-            f"{', '.join(_SIZE_UNITS)} (example: 10MiB)"
+            f'invalid size {show_value(value)}: unknown unit "{unit}": use one of {", ".join(_SIZE_UNITS)}'
+            if unit
+            else f'invalid size {show_value(value)}: a unit is required, such as "{_plain(number)}KiB", '
+            "or an integer number of bytes"
         )
-    return int(number * _SIZE_UNITS[unit])
+    size = number * _SIZE_UNITS[unit]
+    # Fractions are fine while the product is whole ("1.5KiB" is 1536 bytes);
+    # rounding "1.5B" silently would change the limit the author wrote.
+    if size != int(size):
+        raise ValueError(f"invalid size {show_value(value)}: {size:g} is not a whole number of bytes")
+    return int(size)
 
 
 def parse_ratio(value: object) -> float:
-    """Parse a percentage such as `20%` (or a fraction such as 0.2) into 0..1."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        unit, number = _split(value, "percentage", "20%")
-        if unit != "%":
-            raise ValueError(f"invalid percentage {value!r}: expected a number followed by % (example: 20%)")
+    """Parse a percentage such as `20%`, or a fraction such as 0.2, into 0..1."""
+    number, unit = _split(value, "percentage", "a percentage such as 20% or a fraction from 0 to 1 such as 0.2")
+    if unit == "%":
         number /= 100.0
-    if not 0.0 <= number <= 1.0:
-        raise ValueError(f"invalid percentage {value!r}: must be between 0% and 100%")
+    elif unit:
+        raise ValueError(f'invalid percentage {show_value(value)}: expected a number followed by "%", such as "20%"')
+    elif number > 1.0:
+        # A bare 20 is far more likely to mean 20% than 2000%.
+        raise ValueError(
+            f"invalid percentage {show_value(value)}: a number without % is a fraction from 0 to 1; "
+            f'write "{_plain(number)}%" for a percentage'
+        )
+    if number > 1.0:
+        raise ValueError(f"invalid percentage {show_value(value)}: must be between 0% and 100%")
     return number
 
 
-def _split(value: object, kind: str, examples: str) -> tuple[str, float]:
-    """Split `value` into (unit, number), or raise a ValueError naming `kind`."""
-    if not isinstance(value, str):
-        raise ValueError(f"invalid {kind} {value!r}: expected a string with a unit, such as {examples}")
-    match = _NUMBER_WITH_UNIT.match(value)
-    if match is None:
-        raise ValueError(f"invalid {kind} {value!r}: expected a number with a unit, such as {examples}")
-    return match.group(2), float(match.group(1))
+def _split(value: object, kind: str, expected: str) -> tuple[float, str]:
+    """Split `value` into (number, unit), or raise a ValueError naming `kind`.
+
+    Numbers come back as they are with an empty unit, so that each parser can
+    say which unit is missing. Negative and non-finite numbers are rejected.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (match := _NUMBER_WITH_UNIT.match(value)):
+        number, unit = float(match.group(1)), match.group(2)
+    else:
+        raise ValueError(f"invalid {kind} {show_value(value)}: expected {expected}")
+
+    if not math.isfinite(number):
+        raise ValueError(f"invalid {kind} {show_value(value)}: expected a finite number")
+    if number < 0:
+        raise ValueError(f"invalid {kind} {show_value(value)}: must not be negative")
+    return number, unit
+
+
+def _plain(number: float) -> str:
+    """Format a number without a needless ".0", for suggestions such as "5s"."""
+    return f"{number:g}"

@@ -1,0 +1,78 @@
+"""Command-line entry points: `nexus` runs the gateway, `nexusctl` operates it.
+
+`nexus run` starts the master in the foreground and logs to stderr, as a
+systemd service expects. `nexus check` and `nexusctl check` validate a
+config file without serving and exit non-zero with the error's path and
+value when it is invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from nexus import __version__
+from nexus.config import ConfigError, load_config
+
+__all__ = ["nexus", "nexusctl"]
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setup_logging(level: str) -> None:
+    """Log to stderr; under journald the journal adds its own timestamps."""
+    under_journald = "JOURNAL_STREAM" in os.environ
+    fmt = "%(levelname)s %(name)s %(message)s" if under_journald else "%(asctime)s %(levelname)s %(name)s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # granian logs a line per worker runtime start and stop; Nexus logs its own.
+    logging.getLogger("_granian").setLevel(logging.WARNING)
+
+
+def _load_or_exit(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"nexus: invalid config {path}: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="nexus")
+def nexus() -> None:
+    """Nexus API gateway."""
+
+
+@nexus.command()
+@click.option("--config", "-c", "config_path", required=True, type=click.Path(dir_okay=False), help="Config file (YAML).")
+@click.option("--log-level", type=click.Choice(_LOG_LEVELS), default="info", show_default=True, help="Lowest level logged to stderr.")
+def run(config_path: str, log_level: str) -> None:
+    """Run the gateway in the foreground until SIGTERM or SIGINT."""
+    from nexus.master import Master
+
+    _setup_logging(log_level)
+    config = _load_or_exit(config_path)
+    logging.getLogger("nexus.master").info("config loaded path=%s", os.path.abspath(config_path))
+    sys.exit(Master(config).run())
+
+
+@nexus.command()
+@click.option("--config", "-c", "config_path", required=True, type=click.Path(dir_okay=False), help="Config file (YAML).")
+def check(config_path: str) -> None:
+    """Validate a config file without serving; exit 2 if it is invalid."""
+    config = _load_or_exit(config_path)
+    click.echo(
+        f"{config_path}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
+        f"{config.worker_count()} workers)"
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="nexusctl")
+def nexusctl() -> None:
+    """Operate a running Nexus gateway."""
+
+
+nexusctl.add_command(check)

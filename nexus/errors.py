@@ -1,0 +1,130 @@
+"""Errors the gateway answers a downstream request with, as RFC 9457 problems.
+
+Each class fixes the HTTP status, the problem type and the short title, so a
+handler raises the error and one place (`problem_response`) turns it into an
+`application/problem+json` body. Errors are grouped by who is at fault:
+DownstreamError for a bad request (4xx), UpstreamError for a failure reaching
+or hearing from the upstream (5xx). The `kind` is a stable label for logs
+and metrics.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "BadRequest",
+    "BodyTimeout",
+    "DownstreamError",
+    "GatewayError",
+    "NoHealthyTarget",
+    "NoRoute",
+    "PayloadTooLarge",
+    "UpstreamConnectFailed",
+    "UpstreamError",
+    "UpstreamFailed",
+    "UpstreamTimeout",
+    "problem_body",
+]
+
+
+class GatewayError(Exception):
+    """An error answered to the downstream with `status` and a problem body."""
+
+    status = 500
+    kind = "internal_error"
+    title = "Internal gateway error"
+
+    def __init__(self, detail: str, *, upstream: str | None = None, target: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.upstream = upstream
+        self.target = target
+
+
+class DownstreamError(GatewayError):
+    """The downstream request cannot be served as sent."""
+
+    status = 400
+    kind = "bad_request"
+    title = "Bad request"
+
+
+class BadRequest(DownstreamError):
+    pass
+
+
+class NoRoute(DownstreamError):
+    status = 404
+    kind = "no_route"
+    title = "No route matches the request"
+
+
+class PayloadTooLarge(DownstreamError):
+    status = 413
+    kind = "payload_too_large"
+    title = "Request body too large"
+
+
+class BodyTimeout(DownstreamError):
+    status = 408
+    kind = "request_timeout"
+    title = "Request body not received in time"
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not be reached or did not answer usably."""
+
+    status = 502
+    kind = "upstream_failed"
+    title = "Upstream request failed"
+
+
+class UpstreamFailed(UpstreamError):
+    pass
+
+
+class UpstreamConnectFailed(UpstreamError):
+    kind = "upstream_connect_failed"
+    title = "Could not connect to the upstream"
+
+
+class NoHealthyTarget(UpstreamError):
+    status = 503
+    kind = "no_healthy_target"
+    title = "No healthy upstream target"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    kind = "upstream_timeout"
+    title = "Upstream did not respond in time"
+
+
+class _Problem(msgspec.Struct, omit_defaults=True):
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+    upstream: str | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def problem_body(error: GatewayError, request_id: str | None) -> bytes:
+    """Encode `error` as an RFC 9457 problem document.
+
+    The type is a URN that never changes between versions (RFC 9457 section
+    3.1.1 allows any URI), so clients can switch on it without fetching it.
+    """
+    problem = _Problem(
+        type=f"urn:nexus:problem:{error.kind}",
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        request_id=request_id,
+        upstream=error.upstream,
+    )
+    return _encoder.encode(problem)

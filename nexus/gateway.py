@@ -1,0 +1,226 @@
+"""The ASGI application each worker serves: the request pipeline.
+
+For each downstream request, in order: read the forwarding headers, check
+the body framing and the path, match a route, check the declared body size,
+then forward to the route's upstream (`nexus.proxy`). Any GatewayError
+raised on the way becomes an `application/problem+json` response; an
+unexpected exception becomes a 500 problem and is logged with its traceback,
+so a bad request never takes the worker down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from nexus.body import BodySource, declared_length
+from nexus.config import Config, Route
+from nexus.errors import BadRequest, GatewayError, NoRoute, problem_body
+from nexus.headers import ForwardingContext, TrustedProxies, downstream_response_headers, upstream_request_headers
+from nexus.proxy import ForwardRequest, forward
+from nexus.routing import RouteTable, rewrite_path
+from nexus.shm.health import HealthTable
+from nexus.upstream import UpstreamPool, target_slots
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("nexus.worker")
+
+_PROBLEM_TYPE = (b"content-type", b"application/problem+json")
+
+
+class Gateway:
+    """The request pipeline of one worker, as an ASGI 3 application."""
+
+    def __init__(self, config: Config, health: HealthTable, worker_id: int) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.routes = RouteTable(config.routes)
+        slots = target_slots(config)
+        self.pools = {
+            name: UpstreamPool(name, spec, health, slots[name], worker_id) for name, spec in config.upstreams.items()
+        }
+        self.trusted = TrustedProxies(config.trusted_proxies)
+        self.request_id_header = config.request_id_header.lower()
+        self.draining = False
+        self.requests_done = 0
+        self._route_needs_headers = any(route.match.headers for route in config.routes)
+
+    async def startup(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+
+    async def shutdown(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+
+    def begin_drain(self) -> None:
+        """Ask downstreams to close keep-alive connections from now on."""
+        self.draining = True
+
+    async def __call__(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        exchange = _Exchange(send)
+        request_id = None
+        try:
+            request_id = await self._handle(scope, receive, exchange)
+        except GatewayError as error:
+            await self._send_error(scope, exchange, error, request_id or getattr(exchange, "request_id", None))
+        except Exception:
+            log.exception("unhandled error worker=%d method=%s path=%s", self.worker_id, scope.get("method"), scope.get("path"))
+            error = GatewayError("the gateway failed while handling this request; see its error log")
+            await self._send_error(scope, exchange, error, getattr(exchange, "request_id", None))
+        finally:
+            self.requests_done += 1
+
+    async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> str:
+        """Run the pipeline for one request; return its request id."""
+        # Forwarding headers first, so every later error carries the request id.
+        client = scope.get("client") or ("", 0)
+        context = ForwardingContext(
+            peer_ip=client[0],
+            scheme=scope.get("scheme", "http"),
+            trusted=self.trusted,
+            request_id_header=self.request_id_header,
+        )
+        forwarded = upstream_request_headers(scope["headers"], context)
+        exchange.request_id = forwarded.request_id
+
+        # Framing and path checks, before any routing decision depends on them.
+        length = declared_length(scope["headers"])
+        path = scope["path"]
+        _check_path(path)
+
+        route = self._match(scope, forwarded.host, path)
+        pool = self.pools[route.upstream]
+
+        body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
+        request = ForwardRequest(
+            method=scope["method"],
+            path_and_query=_upstream_path(route, scope),
+            headers=forwarded.headers,
+            host=forwarded.host,
+            body=body,
+            hash_key=_hash_key(pool, scope, forwarded.client_ip),
+            response_headers=exchange.response_headers_builder(self, forwarded.request_id),
+        )
+        await forward(pool, request, exchange.send)
+        return forwarded.request_id
+
+    def _match(self, scope: dict[str, Any], host: str | None, path: str) -> Route:
+        headers = _header_dict(scope["headers"]) if self._route_needs_headers else {}
+        route = self.routes.match(host, path, scope["method"], headers)
+        if route is None:
+            raise NoRoute(f"no route matches {scope['method']} {host or '(no host)'}{path}")
+        return route
+
+    async def _send_error(self, scope: dict[str, Any], exchange: _Exchange, error: GatewayError, request_id: str | None) -> None:
+        level = logging.WARNING if error.status >= 500 else logging.DEBUG
+        log.log(
+            level,
+            "request failed worker=%d request_id=%s method=%s path=%s status=%d kind=%s upstream=%s target=%s detail=%s",
+            self.worker_id,
+            request_id,
+            scope.get("method"),
+            scope.get("path"),
+            error.status,
+            error.kind,
+            error.upstream,
+            error.target,
+            error.detail,
+        )
+        if exchange.started:
+            # The head is already out; cutting the connection is the only
+            # honest way to tell the downstream the body is incomplete.
+            raise ConnectionAbortedError(error.detail)
+        body = problem_body(error, request_id)
+        headers = [_PROBLEM_TYPE, (b"content-length", str(len(body)).encode())]
+        if request_id:
+            headers.append((self.request_id_header.encode(), request_id.encode()))
+        if self.draining or error.status in (400, 408, 413):
+            # After a framing error or an unread body the connection state is unknown.
+            headers.append((b"connection", b"close"))
+        await exchange.send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await exchange.send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
+
+
+class _Exchange:
+    """Tracks whether the response head has been sent for one request."""
+
+    __slots__ = ("_send", "started", "request_id")
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self.started = False
+        self.request_id: str | None = None
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    def response_headers_builder(self, gateway: Gateway, request_id: str):
+        def build(upstream_headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+            headers = downstream_response_headers(upstream_headers, gateway.request_id_header, request_id)
+            if gateway.draining:
+                headers.append((b"connection", b"close"))
+            return headers
+
+        return build
+
+
+def _check_path(path: str) -> None:
+    """Reject paths with dot segments, which upstreams resolve differently (RFC 3986 section 5.2.4)."""
+    if not path.startswith("/"):
+        raise BadRequest(f"invalid request path {path!r}: must start with /")
+    if "/." in path:
+        for segment in path.split("/"):
+            if segment in (".", ".."):
+                raise BadRequest(f"invalid request path {path!r}: dot segments are not allowed")
+
+
+def _upstream_path(route: Route, scope: dict[str, Any]) -> str:
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else scope["path"]
+    path = rewrite_path(route, path)
+    query = scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for name, value in headers:
+        result.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return result
+
+
+def _hash_key(pool: UpstreamPool, scope: dict[str, Any], client_ip: str) -> bytes | None:
+    """Return the consistent-hashing key the upstream's `hash_on` names, if any."""
+    hash_on = pool.spec.hash_on
+    if hash_on is None:
+        return None
+    if hash_on == "client_ip":
+        return client_ip.encode()
+    if hash_on == "path":
+        return scope["path"].encode()
+    kind, _, name = hash_on.partition(":")
+    if kind == "header":
+        header_name = name.lower().encode("latin-1")
+        for header, value in scope["headers"]:
+            if header == header_name:
+                return value
+        return None
+    # Cookie names are case-sensitive (RFC 6265 section 4.1.1).
+    return _cookie(scope["headers"], name.encode("latin-1"))
+
+
+def _cookie(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for header, value in headers:
+        if header != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            key, _, cookie_value = pair.strip().partition(b"=")
+            if key == name:
+                return cookie_value
+    return None

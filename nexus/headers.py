@@ -1,0 +1,465 @@
+"""Header rewriting for proxied requests and their responses.
+
+This module holds the pure functions (no I/O) that turn the downstream request
+headers into the upstream request headers and the upstream response headers
+into the downstream response headers. They remove hop-by-hop fields, set the
+X-Forwarded-* fields, append Via and carry the request id. The trust rules for
+forwarding fields (which peers may set them) live here too.
+
+Header bytes are decoded and encoded as latin-1, so every byte value survives
+the round trip. Names are lower-cased on the way in, because both ASGI and
+pyreqwest use lower-case names and the rules below compare names as strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = [
+    "ForwardingContext",
+    "TrustedProxies",
+    "UpstreamRequestHeaders",
+    "downstream_response_headers",
+    "is_valid_request_id",
+    "new_request_id",
+    "resolve_client_ip",
+    "upstream_request_headers",
+]
+
+# Hop-by-hop fields (RFC 9110 section 7.6.1): they describe one connection, so
+# a proxy removes them in both directions, together with every field that a
+# Connection line names.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Received fields that the request rules read and then rewrite, instead of
+# copying them through unchanged. The request id field is added per call.
+_REQUEST_REWRITTEN = frozenset(
+    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via"}
+)
+_RESPONSE_REWRITTEN = frozenset({"via"})
+
+# A field name is a token (RFC 9110 section 5.1 and the tchar set of section
+# 5.6.2). Anything else could split into a second field on the other side,
+# and pyreqwest 0.15.1 raises ValueError for such a name.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+# Field values must not contain control characters other than horizontal tab
+# (RFC 9110 section 5.5). CR, LF and NUL could smuggle a header, and
+# pyreqwest 0.15.1 raises ValueError for the other control characters.
+_INVALID_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Checked field names, lower-cased, by the name as received; "" marks an
+# invalid name. Names repeat across requests, so this saves a regex match per
+# field. Names come from downstream and upstream input, so the cache is
+# cleared when it reaches the limit, to keep memory flat.
+_FIELD_NAMES: dict[bytes | str, str] = {}
+_FIELD_NAMES_LIMIT = 1024
+
+# 1 to 200 visible ASCII characters other than the comma (0x2C). Excluding the
+# comma keeps a repeated request id field from joining into one valid value.
+_REQUEST_ID = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,200}")
+
+# Addresses come from downstream input (peer addresses, X-Forwarded-For), so
+# the trust cache is bounded to keep memory flat under many distinct inputs.
+_TRUST_CACHE_SIZE = 4096
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedProxies:
+    """The networks of proxies whose forwarding fields Nexus believes.
+
+    Each entry is an IPv4 or IPv6 address or CIDR. Host bits set in a CIDR are
+    ignored, as in the config check of `trusted_proxies`. An empty list trusts
+    nobody.
+    """
+
+    __slots__ = ("_networks", "_inspect")
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        if isinstance(networks, str):
+            raise TypeError(f"networks must be a list of addresses or CIDRs, not the string {networks!r}")
+        self._networks: tuple[_Network, ...] = tuple(_parse_network(network) for network in networks)
+
+        # A closure over the tuple, not a bound method, so the cache holds no
+        # reference back to self.
+        parsed = self._networks
+
+        def inspect(address: str) -> tuple[str | None, bool]:
+            return _inspect_address(address, parsed)
+
+        self._inspect: Callable[[str], tuple[str | None, bool]] = lru_cache(maxsize=_TRUST_CACHE_SIZE)(inspect)
+
+    def is_trusted(self, address: str) -> bool:
+        """Return whether `address` lies in one of the trusted networks.
+
+        A malformed address is not trusted. Results are cached per address string.
+        """
+        if not self._networks:
+            return False
+        return self._inspect(address)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingContext:
+    """What the request rules need to know about the downstream connection."""
+
+    peer_ip: str
+    scheme: str
+    trusted: TrustedProxies
+    request_id_header: str
+    via: str = "1.1 nexus"
+
+
+@dataclass(slots=True)
+class UpstreamRequestHeaders:
+    """The upstream request headers, with the values the rules resolved on the way."""
+
+    headers: list[tuple[str, str]]
+    request_id: str
+    client_ip: str
+    host: str | None
+
+
+def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: ForwardingContext) -> UpstreamRequestHeaders:
+    """Build the upstream request headers from the downstream ASGI headers.
+
+    End-to-end fields keep their arrival order. Host is left out, because the
+    proxy sets the upstream Host from the target; its first value is returned
+    in `host`. The rewritten fields follow at the end: X-Forwarded-For,
+    X-Forwarded-Proto, X-Forwarded-Host, Forwarded (only from a trusted peer),
+    Via and the request id.
+    """
+    fields, connection_values = _decode_request_fields(downstream)
+    kept, rewritten = _split_fields(fields, _REQUEST_REWRITTEN, ctx.request_id_header)
+    if connection_values:
+        # Host stays: the downstream cannot make the request lose its target.
+        kept = _drop_connection_options(kept, rewritten, connection_values, keep="host")
+
+    host_values = rewritten.get("host")
+    host = host_values[0] if host_values else None
+    request_id = _choose_request_id(rewritten.get(ctx.request_id_header))
+    peer_trusted = ctx.trusted.is_trusted(ctx.peer_ip)
+
+    added: list[tuple[str, str]] = []
+    _append_forwarding_fields(added, rewritten, ctx, peer_trusted, host)
+    if ctx.via:
+        added.append(("via", _join_list(rewritten.get("via"), ctx.via)))
+    added.append((ctx.request_id_header, request_id))
+    # The context values were not checked on the way in, so the added fields
+    # pass the same checks as received ones.
+    kept.extend(_check_str_fields(added)[0])
+
+    # An untrusted peer's X-Forwarded-For was discarded, so only the peer counts.
+    forwarded_for = rewritten.get("x-forwarded-for", []) if peer_trusted else []
+    client_ip = resolve_client_ip(ctx.peer_ip, forwarded_for, ctx.trusted)
+    return UpstreamRequestHeaders(kept, request_id, client_ip, host)
+
+
+def downstream_response_headers(
+    upstream: Iterable[tuple[str, str]],
+    request_id_header: str,
+    request_id: str,
+    via: str = "1.1 nexus",
+) -> list[tuple[bytes, bytes]]:
+    """Build the downstream ASGI response headers from the upstream response headers.
+
+    Hop-by-hop fields and invalid fields are dropped, and Server is kept. Via
+    gets `via` appended unless `via` is empty. The request id field is
+    replaced by `request_id`. No Date is added, because the HTTP server adds it.
+    """
+    fields, connection_values = _check_str_fields(upstream)
+    kept, rewritten = _split_fields(fields, _RESPONSE_REWRITTEN, request_id_header)
+    if connection_values:
+        kept = _drop_connection_options(kept, rewritten, connection_values)
+
+    added: list[tuple[str, str]] = []
+    via_values = rewritten.get("via")
+    if via:
+        added.append(("via", _join_list(via_values, via)))
+    elif via_values:
+        added.extend(("via", value) for value in via_values)
+    added.append((request_id_header, request_id))
+    # The arguments were not checked on the way in, so the added fields pass
+    # the same checks as received ones.
+    kept.extend(_check_str_fields(added)[0])
+    return _encode_fields(kept)
+
+
+def resolve_client_ip(peer_ip: str, forwarded_for: list[str], trusted: TrustedProxies) -> str:
+    """Return the address of the original downstream client.
+
+    `forwarded_for` holds the X-Forwarded-For values in arrival order, each
+    possibly a comma-separated list. Walking X-Forwarded-For + [peer] from the
+    right, the first address that is not trusted is the client. If all are
+    trusted, the left-most is. A malformed entry ends the walk and is ignored,
+    so the result is then the trusted address to its right. Valid addresses
+    come back in canonical form, with IPv4-mapped IPv6 addresses unmapped. A
+    malformed peer address comes back unchanged.
+    """
+    peer_address, peer_trusted = trusted._inspect(peer_ip)
+    if peer_address is None:
+        return peer_ip
+    if not peer_trusted:
+        return peer_address
+
+    client = peer_address
+    for entry in reversed(_split_list(forwarded_for)):
+        address, address_trusted = trusted._inspect(entry)
+        if address is None:
+            break
+        client = address
+        if not address_trusted:
+            break
+    return client
+
+
+def is_valid_request_id(value: str) -> bool:
+    """Return whether `value` is 1-200 visible ASCII characters with no comma."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """Create a request id: 32 lower-case hex characters from os.urandom."""
+    return os.urandom(16).hex()
+
+
+def _parse_network(network: str) -> _Network:
+    try:
+        return ipaddress.ip_network(network.strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"invalid trusted proxy network {network!r}: expected an address or CIDR such as 10.0.0.0/8 or fd00::/8"
+        ) from None
+
+
+def _inspect_address(entry: str, networks: tuple[_Network, ...]) -> tuple[str | None, bool]:
+    """Return the canonical form of an address entry (None if malformed) and whether it is trusted."""
+    address = _parse_node(entry)
+    if address is None:
+        return None, False
+
+    # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d, which must
+    # match IPv4 networks.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+
+    trusted = any(address in network for network in networks)
+    return str(address), trusted
+
+
+def _parse_node(entry: str) -> _Address | None:
+    """Parse an address as proxies write it: bare, `[IPv6]`, `[IPv6]:port` or `IPv4:port`.
+
+    The bracket and port forms follow the node syntax of RFC 7239 section 6;
+    some proxies write them into X-Forwarded-For too.
+    """
+    text = entry.strip()
+    if text.startswith("["):
+        text, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not _is_port_suffix(port)):
+            return None
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not _is_port_suffix(":" + port):
+            return None
+
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_port_suffix(text: str) -> bool:
+    return len(text) > 1 and text[0] == ":" and text[1:].isascii() and text[1:].isdigit()
+
+
+def _decode_request_fields(downstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Decode the valid fields, dropping hop-by-hop ones; also return the Connection values."""
+    fields: list[tuple[str, str]] = []
+    connection_values: list[str] = []
+    for raw_name, raw_value in downstream:
+        name = _FIELD_NAMES.get(raw_name)
+        if name is None:
+            name = _check_field_name(raw_name, raw_name.decode("latin-1"))
+        # NOTE: pyreqwest 0.15.1 sends str values as UTF-8, so a value with
+        # bytes above 0x7F reaches the upstream re-encoded, not byte for byte.
+        value = raw_value.decode("latin-1")
+        if not name or not _is_valid_value(value):
+            continue
+
+        if name in _HOP_BY_HOP:
+            if name == "connection":
+                connection_values.append(value)
+            continue
+        fields.append((name, value))
+    return fields, connection_values
+
+
+def _check_str_fields(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Keep the valid fields, dropping hop-by-hop ones; also return the Connection values."""
+    fields: list[tuple[str, str]] = []
+    connection_values: list[str] = []
+    for raw_name, value in pairs:
+        name = _FIELD_NAMES.get(raw_name)
+        if name is None:
+            name = _check_field_name(raw_name, raw_name)
+        if not name or not _is_valid_value(value):
+            continue
+
+        if name in _HOP_BY_HOP:
+            if name == "connection":
+                connection_values.append(value)
+            continue
+        fields.append((name, value))
+    return fields, connection_values
+
+
+def _check_field_name(raw_name: bytes | str, name: str) -> str:
+    """Return the lower-cased name, or "" if it is not a token, and cache the result."""
+    checked = name.lower() if _TOKEN.fullmatch(name) else ""
+    if len(_FIELD_NAMES) >= _FIELD_NAMES_LIMIT:
+        _FIELD_NAMES.clear()
+    _FIELD_NAMES[raw_name] = checked
+    return checked
+
+
+def _is_valid_value(value: str) -> bool:
+    # isprintable() is a fast pass for the common case. It is also false for
+    # tab and for latin-1 characters from U+0080 up, which the regex then allows.
+    return value.isprintable() or _INVALID_VALUE.search(value) is None
+
+
+def _split_fields(
+    fields: list[tuple[str, str]], rewritten_names: frozenset[str], request_id_header: str
+) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """Separate the fields that pass through from those the rules rewrite, which are grouped by name."""
+    kept: list[tuple[str, str]] = []
+    rewritten: dict[str, list[str]] = {}
+    for name, value in fields:
+        if name in rewritten_names or name == request_id_header:
+            values = rewritten.get(name)
+            if values is None:
+                rewritten[name] = [value]
+            else:
+                values.append(value)
+        else:
+            kept.append((name, value))
+    return kept, rewritten
+
+
+def _drop_connection_options(
+    kept: list[tuple[str, str]],
+    rewritten: dict[str, list[str]],
+    connection_values: list[str],
+    keep: str | None = None,
+) -> list[tuple[str, str]]:
+    """Remove the fields that the Connection lines name (RFC 9110 section 7.6.1).
+
+    Options are comma-separated and case-insensitive, and several Connection
+    lines form one list. Fields added later by the proxy are not affected.
+    """
+    options = {option.strip().lower() for option in _split_list(connection_values)}
+    options.discard(keep)
+
+    # The usual options (close, keep-alive) name no field that is still here.
+    options.difference_update(_HOP_BY_HOP)
+    options.discard("close")
+    if not options:
+        return kept
+
+    for option in options:
+        rewritten.pop(option, None)
+    return [field for field in kept if field[0] not in options]
+
+
+def _append_forwarding_fields(
+    fields: list[tuple[str, str]],
+    rewritten: dict[str, list[str]],
+    ctx: ForwardingContext,
+    peer_trusted: bool,
+    host: str | None,
+) -> None:
+    """Append X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded to `fields`.
+
+    Only a trusted peer's forwarding fields are believed. From an untrusted
+    peer they are discarded and X-Forwarded-* describe this hop alone.
+    """
+    if not peer_trusted:
+        fields.append(("x-forwarded-for", ctx.peer_ip))
+        fields.append(("x-forwarded-proto", ctx.scheme))
+        if host is not None:
+            fields.append(("x-forwarded-host", host))
+        return
+
+    fields.append(("x-forwarded-for", _join_list(rewritten.get("x-forwarded-for"), ctx.peer_ip)))
+    for value in rewritten.get("x-forwarded-proto") or (ctx.scheme,):
+        fields.append(("x-forwarded-proto", value))
+
+    host_values = rewritten.get("x-forwarded-host") or ((host,) if host is not None else ())
+    for value in host_values:
+        fields.append(("x-forwarded-host", value))
+
+    # Nexus adds no Forwarded entry of its own, so a trusted one passes as is.
+    for value in rewritten.get("forwarded", ()):
+        fields.append(("forwarded", value))
+
+
+def _choose_request_id(values: list[str] | None) -> str:
+    """Propagate a valid downstream request id, or create one.
+
+    Several lines join into one comma-separated value (RFC 9110 section
+    5.3), which is never valid, so a repeated field gets a new id.
+    """
+    if values is not None:
+        value = ", ".join(values)
+        if is_valid_request_id(value):
+            return value
+    return new_request_id()
+
+
+def _split_list(values: Iterable[str]) -> list[str]:
+    """Split comma-separated field values, skipping empty elements as RFC 9110 section 5.6.1 allows."""
+    return [element for value in values for element in value.split(",") if element.strip()]
+
+
+def _join_list(values: list[str] | None, entry: str) -> str:
+    """Append `entry` to the lines of a comma-separated list field, as one line.
+
+    Lines are joined whole, not split, so commas inside a Via comment stay as
+    they are. Empty lines and stray commas at the ends of a line are dropped.
+    """
+    if not values:
+        return entry
+    lines = [stripped for line in values if (stripped := line.strip(" \t,"))]
+    lines.append(entry)
+    return ", ".join(lines)
+
+
+def _encode_fields(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    encoded: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        try:
+            encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+        except UnicodeEncodeError:
+            # Characters above U+00FF have no single byte, so the field cannot
+            # be sent as it was received and is dropped.
+            continue
+    return encoded

@@ -1,0 +1,104 @@
+"""Shared-memory segments: memfd-backed mappings with a checked header.
+
+The master creates every segment before it forks workers, so each worker
+inherits the mapping. A segment is a `memfd_create` file mapped shared, never
+a named POSIX segment: CPython's resource tracker unlinks named segments when
+any attached process exits (gh-82300), and a memfd can later be handed to a
+new master with `socket.send_fds`.
+
+Layout of the header, in 64-bit words:
+    0  magic   b"NEXUSSHM" read as a little-endian integer
+    1  kind    which table this is (a short ASCII tag, for example b"health")
+    2  layout  version of that table's layout; bumped on any change
+    3  size    total size in bytes, header included
+Payload words follow from byte 64, so every table starts cache-line aligned.
+
+Reads and writes of single words go through `memoryview.cast("Q")`, which
+compiles to one aligned 8-byte load or store on x86-64 and aarch64, so a
+reader in another process never sees half of a word. `struct.pack_into` is
+not safe for this: CPython clears the target before writing it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+__all__ = ["HEADER_BYTES", "Segment", "SegmentError"]
+
+MAGIC = int.from_bytes(b"NEXUSSHM", "little")
+HEADER_BYTES = 64
+
+
+class SegmentError(Exception):
+    """A segment that is not the table, or not the layout, that the caller expects."""
+
+
+def _tag(kind: bytes) -> int:
+    if len(kind) > 8:
+        raise ValueError(f"segment kind {kind!r} is longer than 8 bytes")
+    return int.from_bytes(kind.ljust(8, b"\0"), "little")
+
+
+class Segment:
+    """One shared mapping: a header followed by an array of 64-bit words."""
+
+    def __init__(self, fd: int, mapping: mmap.mmap) -> None:
+        self.fd = fd
+        self.mapping = mapping
+        self.words = memoryview(mapping).cast("Q")
+
+    @classmethod
+    def create(cls, kind: bytes, layout: int, payload_bytes: int) -> Segment:
+        """Create a zeroed segment for `payload_bytes` of table data."""
+        size = HEADER_BYTES + _round_up(payload_bytes, 64)
+        fd = os.memfd_create(f"nexus-{kind.decode()}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        segment = cls(fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+
+        # The magic goes last, so a reader that checks it sees a whole header.
+        segment.words[1] = _tag(kind)
+        segment.words[2] = layout
+        segment.words[3] = size
+        segment.words[0] = MAGIC
+        return segment
+
+    @classmethod
+    def attach(cls, fd: int, kind: bytes, layout: int) -> Segment:
+        """Map an existing segment from `fd` and check that it is `kind` at `layout`."""
+        size = os.fstat(fd).st_size
+        if size < HEADER_BYTES:
+            raise SegmentError(f"shared-memory segment fd {fd} is {size} bytes, smaller than its header")
+        segment = cls(fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+        segment.check(kind, layout)
+        return segment
+
+    def check(self, kind: bytes, layout: int) -> None:
+        """Raise SegmentError unless the header names `kind` at `layout`."""
+        words = self.words
+        if words[0] != MAGIC:
+            raise SegmentError(f"shared-memory segment fd {self.fd} has no Nexus header (magic {words[0]:#x})")
+        if words[1] != _tag(kind):
+            found = words[1].to_bytes(8, "little").rstrip(b"\0")
+            raise SegmentError(f"shared-memory segment fd {self.fd} holds {found!r}, expected {kind!r}")
+        if words[2] != layout:
+            raise SegmentError(
+                f"shared-memory segment {kind.decode()} has layout version {words[2]}, this Nexus reads "
+                f"version {layout}: restart the service instead of upgrading in place"
+            )
+        if words[3] != len(self.mapping):
+            raise SegmentError(f"shared-memory segment {kind.decode()} header says {words[3]} bytes, mapped {len(self.mapping)}")
+
+    @property
+    def payload_offset_words(self) -> int:
+        return HEADER_BYTES // 8
+
+    def close(self) -> None:
+        """Release this process's mapping and file descriptor."""
+        self.words.release()
+        self.mapping.close()
+        os.close(self.fd)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple

@@ -1,0 +1,139 @@
+"""Upstream pools inside a worker: target choice, passive ejection, retry budget.
+
+A worker holds one UpstreamPool per configured upstream. The pool decides
+which target gets a try: a target must be up in the shared health table
+(written by the master's active checks) and not ejected by this worker's
+passive checks; the balancer picks among those. The pool also owns the
+upstream HTTP client and the retry budget. Sending requests is
+`nexus.proxy`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pyreqwest.client import Client, ClientBuilder
+
+from nexus.balance import TargetState, make_balancer
+from nexus.config import Config, Upstream
+from nexus.errors import NoHealthyTarget
+from nexus.shm.health import HealthTable
+
+__all__ = ["UpstreamPool", "target_slots"]
+
+log = logging.getLogger("nexus.upstream")
+
+
+def target_slots(config: Config) -> dict[str, int]:
+    """Return each upstream's first slot in the health table, in config order."""
+    slots: dict[str, int] = {}
+    next_slot = 0
+    for name, upstream in config.upstreams.items():
+        slots[name] = next_slot
+        next_slot += len(upstream.targets)
+    return slots
+
+
+@dataclass(slots=True)
+class _Ejection:
+    """Passive health of one target, as this worker has seen it."""
+
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+
+
+class UpstreamPool:
+    """The targets of one upstream as one worker sees and uses them."""
+
+    def __init__(self, name: str, spec: Upstream, health: HealthTable, first_slot: int, worker_id: int) -> None:
+        self.name = name
+        self.spec = spec
+        self.targets = [
+            TargetState(index=i, url=target.url.rstrip("/"), weight=target.weight)
+            for i, target in enumerate(spec.target_list())
+        ]
+        self.balancer = make_balancer(spec.balance, self.targets, hash_balance_factor=spec.hash_balance_factor)
+        self.client: Client | None = None
+        self.in_flight = 0
+        self.retries_in_flight = 0
+        self._health = health
+        self._first_slot = first_slot
+        self._ejections = [_Ejection() for _ in self.targets]
+        self._worker_id = worker_id
+
+    async def start(self) -> None:
+        """Create the HTTP client; must run inside the worker's event loop."""
+        timeouts = self.spec.timeouts
+        builder = (
+            ClientBuilder()
+            .connect_timeout(timedelta(seconds=timeouts.connect))
+            .follow_redirects(False)
+            .gzip(False)
+            .brotli(False)
+            .zstd(False)
+            .deflate(False)
+            .http1_only()
+            .tcp_nodelay(True)
+            .max_connections(self.spec.max_connections)
+            .pool_idle_timeout(timedelta(seconds=60))
+        )
+        self.client = builder.build()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def candidates(self, exclude: set[int]) -> list[int]:
+        """Return the indexes of targets that may take a try now."""
+        now = time.monotonic()
+        return [
+            target.index
+            for target in self.targets
+            if target.index not in exclude
+            and self._health.is_up(self._first_slot + target.index)
+            and self._ejections[target.index].ejected_until <= now
+        ]
+
+    def choose(self, key: bytes | None, exclude: set[int]) -> TargetState:
+        """Pick the target for the next try, or raise NoHealthyTarget."""
+        candidates = self.candidates(exclude)
+        if not candidates:
+            tried = f" ({len(exclude)} already tried)" if exclude else ""
+            raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target{tried}", upstream=self.name)
+        return self.targets[self.balancer.pick(candidates, key)]
+
+    def can_retry(self) -> bool:
+        """Return whether the retry budget allows one more retry in flight.
+
+        Retries in flight are capped at max(min_concurrent, budget x requests
+        in flight), so a failing upstream sees a bounded share of extra load
+        instead of a retry storm.
+        """
+        policy = self.spec.retries
+        allowed = max(policy.min_concurrent, int(policy.budget * self.in_flight))
+        return self.retries_in_flight < allowed
+
+    def record_success(self, target: TargetState) -> None:
+        self._ejections[target.index].consecutive_failures = 0
+
+    def record_failure(self, target: TargetState, reason: str) -> None:
+        """Count a failed try and eject the target after too many in a row."""
+        ejection = self._ejections[target.index]
+        ejection.consecutive_failures += 1
+        passive = self.spec.passive
+        if ejection.consecutive_failures < passive.consecutive_failures:
+            return
+        ejection.consecutive_failures = 0
+        ejection.ejected_until = time.monotonic() + passive.eject_for
+        log.warning(
+            "ejected target worker=%d upstream=%s target=%s reason=%s eject_for_s=%.3f",
+            self._worker_id,
+            self.name,
+            target.url,
+            reason,
+            passive.eject_for,
+        )

@@ -1,0 +1,141 @@
+"""Serve an ASGI app with granian on a listening socket that another process bound.
+
+granian 2.8.9 has no public option to serve on an inherited file descriptor,
+so this module drives its private worker classes (`granian._granian.ASGIWorker`
+with a `SocketHolder`). It is the only module that imports granian's private
+API: the version is pinned exactly in pyproject.toml, and
+tests/test_granian_server.py exercises every call made here, so an upgrade
+that changes them fails there first.
+
+Why ASGI rather than RSGI: granian's RSGI `response_stream` has an unbounded
+channel, so one slow downstream reader can grow a worker's memory without
+limit; ASGI's `send` waits when granian's channel is full. Proxying through
+pyreqwest, ASGI measured about 3% fewer requests per second than RSGI on the
+same machine (docs/architecture.md), a fair price for bounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from granian._futures import _future_watcher_wrapper, _new_cbscheduler
+from granian._granian import ASGIWorker, SocketHolder, WorkerSignal
+from granian.http import HTTP1Settings
+
+__all__ = ["ServerSettings", "serve"]
+
+log = logging.getLogger("nexus.worker")
+
+AsgiApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """What granian needs to know about the socket and the HTTP/1 connection."""
+
+    worker_id: int
+    backlog: int = 1024
+    header_read_timeout_ms: int = 10_000
+    # Requests handled concurrently by one worker; granian queues the rest.
+    max_concurrency: int = 1024
+    keep_alive: bool = True
+
+
+def serve(
+    app: AsgiApp,
+    listen_fds: list[int],
+    settings: ServerSettings,
+    loop: asyncio.AbstractEventLoop,
+    on_shutdown: Callable[[], None],
+) -> None:
+    """Serve `app` on every socket in `listen_fds` until SIGTERM or SIGINT.
+
+    `on_shutdown` is called once, in the loop, when the stop signal arrives;
+    granian then stops accepting and finishes the requests in flight, and this
+    function returns when all of them are done. granian sets no deadline on
+    that drain: the master kills a worker that takes longer than its own.
+    """
+    # NOTE: each granian worker takes the receiving end of its WorkerSignal,
+    # so one signal per socket; sharing one makes the second worker panic.
+    stop_signals = [WorkerSignal() for _ in listen_fds]
+    remaining = len(listen_fds)
+    all_stopped = asyncio.Event()
+
+    stopping = False
+
+    def on_stop_signal() -> None:
+        # Runs in the loop through add_signal_handler, so it may touch loop objects.
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        on_shutdown()
+        for stop_signal in stop_signals:
+            stop_signal.set()
+
+    def on_worker_stopped() -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            all_stopped.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop_signal)
+
+    callback = _future_watcher_wrapper(_asgi_runner(app))
+    for fd, stop_signal in zip(listen_fds, stop_signals):
+        stop_signal.add_cb(lambda: loop.call_soon_threadsafe(on_worker_stopped))
+        worker = _build_worker(settings, fd)
+        scheduler = _new_cbscheduler(loop, callback, impl_asyncio=False)
+        worker.serve_str(scheduler, loop, stop_signal)
+
+    loop.run_until_complete(all_stopped.wait())
+
+
+def _asgi_runner(app: AsgiApp) -> Callable[[dict[str, Any], Any], Awaitable[None]]:
+    def run(scope: dict[str, Any], proto: Any) -> Awaitable[None]:
+        return app(scope, proto.receive, proto.send)
+
+    return run
+
+
+def _build_worker(settings: ServerSettings, fd: int) -> Any:
+    """Create one granian ASGI worker bound to the listening socket `fd`."""
+    http1 = HTTP1Settings(
+        header_read_timeout=settings.header_read_timeout_ms,
+        keep_alive=settings.keep_alive,
+    )
+    holder = SocketHolder(fd, False, settings.backlog)
+    # Positional arguments as granian 2.8.9's ASGIWorker takes them: worker id,
+    # (spec, holder) socket pair, IPC handle, runtime threads, blocking threads,
+    # Python threads, idle timeout, backpressure, HTTP mode, HTTP/1 and HTTP/2
+    # settings, websockets, static files, seven TLS settings, metrics.
+    return ASGIWorker(
+        settings.worker_id,
+        (None, holder),
+        None,
+        1,
+        512,
+        1,
+        30,
+        settings.max_concurrency,
+        "1",
+        http1,
+        None,
+        False,
+        None,
+        False,
+        None,
+        None,
+        None,
+        "1.3",
+        None,
+        [],
+        False,
+        (None, None),
+    )
