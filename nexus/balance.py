@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,9 +24,9 @@ __all__ = ["Balancer", "TargetState", "make_balancer", "BALANCER_KINDS", "MAGLEV
 
 BALANCER_KINDS = ("round_robin", "least_request", "p2c_ewma", "maglev")
 
-# A prime, so that every skip in 1..size-1 visits every slot. The Maglev paper
-# uses 65537 as its small table size and advises a size much larger than the
-# number of targets (about 100 times) to keep each target's share within ~1%.
+# Slots in a Maglev lookup table. A prime, so that every skip in 1..size-1
+# visits every slot. Each table takes 256 KiB (4-byte slots) per upstream and
+# worker.
 MAGLEV_TABLE_SIZE = 65537
 
 # Time constant of the latency EWMA, in seconds: a sample that is this old
@@ -58,16 +59,15 @@ class TargetState:
             raise ValueError(f"invalid weight {self.weight} for target {self.url}: must be 1 or more")
 
     def record_latency(self, seconds: float, now: float) -> None:
-        """Fold one latency sample into `ewma_seconds`.
+        """Fold one latency sample, in seconds, into `ewma_seconds`.
 
-        The EWMA decays with time, not with the number of samples: a sample
-        taken `dt` seconds after the previous one gets the weight
-        1 - exp(-dt / EWMA_DECAY_SECONDS). A burst of samples moves the average
-        a little, and the first sample after a long pause almost replaces it.
-        Unlike a peak EWMA, a sample above the average does not replace it.
-        A single slow request is therefore not enough to starve the target,
-        because p2c_ewma picks never refresh the average of a target that gets
-        no requests. `now` is time.monotonic() in seconds. Raises ValueError
+        The average decays with time, not with the number of samples: a
+        sample taken `dt` seconds after the previous one gets the weight
+        1 - exp(-dt / EWMA_DECAY_SECONDS). Samples close together move the
+        average a little each, and the first sample after a long pause almost
+        replaces it. Unlike Finagle's peak EWMA, a sample above the average
+        does not replace it, so on a busy target one slow request moves the
+        average only a little. `now` is time.monotonic(). Raises ValueError
         for a negative or non-finite sample.
         """
         if not math.isfinite(seconds) or seconds < 0.0:
@@ -85,6 +85,8 @@ class TargetState:
 
 
 class Balancer(Protocol):
+    """A policy that picks the target for each request to one upstream."""
+
     def pick(self, candidates: Sequence[int], key: bytes | None = None) -> int:
         """Return the index of the target for the next request.
 
@@ -109,7 +111,8 @@ def make_balancer(
     `targets[i].index` must be i. The balancer reads weight, in_flight and
     ewma_seconds from these objects on every pick, so updates by the caller
     take effect at once, except that maglev reads weights only when it builds
-    its table. `hash_balance_factor` (>= 1) bounds maglev's load per target.
+    its table. The list itself must keep its length, so build a new balancer
+    when the upstream's targets change. `hash_balance_factor` (>= 1) bounds maglev's load per target.
     `seed` seeds p2c_ewma's random choices, and None seeds them from the OS.
     Build balancers after the fork, so that workers do not share a random
     sequence. Raises ValueError for an unknown kind or invalid targets.
@@ -150,15 +153,21 @@ def _validate_candidates(candidates: Sequence[int], target_count: int) -> None:
 
 
 class _SmoothRoundRobin:
-    """Smooth weighted round robin, as in nginx's upstream module.
+    """Smooth weighted round robin with the eligibility rule of WF2Q.
 
-    On each pick every candidate's score grows by its weight, the highest
-    score wins (lowest index on a tie) and drops by the candidates' total
-    weight. Over any run of picks with a fixed candidate set, each target gets
-    exactly its weight's share of every total-weight picks, spread out rather
-    than in runs. The sum of all scores stays 0, and scores of targets that
-    are not candidates stay frozen. So when the candidate set changes, picks
-    carry on from the current scores and no target gets a burst.
+    Each target has a score: how far it lags behind its share, in units of
+    1/W of a pick, where W is the candidates' total weight. A pick adds each
+    candidate's weight to its score and takes W from the chosen target's
+    score, so with a fixed candidate set every W picks give each target
+    exactly its weight and bring all scores back to where they started.
+
+    nginx's smooth round robin picks the highest score. Here, as in
+    worst-case fair weighted fair queueing (WF2Q), only targets that are not
+    ahead of their share (score >= 0) are eligible. Among those, the one whose
+    next pick falls due first, at (W - score) / weight, wins, and the lowest
+    index wins a tie. This spreads the light targets apart. For weights 5,1,1
+    the cycle is a b a a c a a, so a runs at most 3 times, counting across
+    cycles, where highest-score-first gives a a b a c a a and runs of 4.
     """
 
     def __init__(self, targets: Sequence[TargetState]) -> None:
@@ -169,21 +178,53 @@ class _SmoothRoundRobin:
         _validate_candidates(candidates, len(self._targets))
         targets = self._targets
         scores = self._scores
+        total = 0
+        for index in candidates:
+            total += targets[index].weight
 
-        total_weight = 0
         best = -1
-        best_score = 0
+        best_due = 0
+        best_weight = 1
         for index in candidates:
             weight = targets[index].weight
-            total_weight += weight
-            score = scores[index] + weight
-            scores[index] = score
-            if best < 0 or score > best_score:
+            score = self._clamp_score(index, weight, total)
+            if score < 0:
+                continue
+            # (total - score) / weight < best_due / best_weight, in integers.
+            due = total - score
+            if best < 0 or due * best_weight < best_due * weight:
                 best = index
-                best_score = score
+                best_due = due
+                best_weight = weight
 
-        scores[best] -= total_weight
+        if best < 0:
+            # Only after the candidate set changed can every score be
+            # negative. Fall back to the highest score.
+            best = max(candidates, key=scores.__getitem__)
+
+        for index in candidates:
+            scores[index] += targets[index].weight
+        scores[best] -= total
         return best
+
+    def _clamp_score(self, index: int, weight: int, total: int) -> int:
+        """Return the target's score, first clamped to -(total - weight)..total - 1.
+
+        With a fixed candidate set, scores never leave that range. A score
+        carried over from another candidate set or weight can, and clamping
+        it limits the target to at most one pick ahead or behind, so it
+        cannot take or skip a burst of picks. Scores of targets that are not
+        candidates stay as they were.
+        """
+        score = self._scores[index]
+        if score >= total:
+            score = total - 1
+        elif score < weight - total:
+            score = weight - total
+        else:
+            return score
+        self._scores[index] = score
+        return score
 
 
 class _LeastRequest:
@@ -247,33 +288,37 @@ class _PowerOfTwoEwma:
         b = self._targets[candidates[second]]
         latency_a = a.ewma_seconds or b.ewma_seconds
         latency_b = b.ewma_seconds or a.ewma_seconds
+        # NOTE: an average changes only in record_latency. A target that
+        # looked slow and then loses every pick keeps its old average, so at
+        # low load it gets no requests until its rivals' in_flight raises
+        # their cost above its own.
         cost_a = latency_a * (a.in_flight + 1) / a.weight
         cost_b = latency_b * (b.in_flight + 1) / b.weight
 
         if cost_b < cost_a or (cost_b == cost_a and b.ewma_seconds == 0.0 and a.ewma_seconds != 0.0):
             return b.index
         return a.index
-        # NOTE: a target that looked slow and then gets no requests keeps its
-        # old EWMA, since averages change only in record_latency. At low load
-        # it can stay out of picks until its rivals' in_flight makes them dearer.
 
 
 class _Maglev:
     """Maglev consistent hashing with bounded loads.
 
-    The lookup table (Eisenbud et al., "Maglev: A Fast and Reliable Software
-    Network Load Balancer", NSDI 2016) is built once from all targets, so each
-    worker and each candidate set share it. A key starts at its hash's slot
-    and walks forward to the first slot whose target is a candidate and under
-    its load bound. So keys of a candidate never move when another target
-    leaves the candidates or gets busy.
+    The lookup table follows "Maglev: A Fast and Reliable Software Network
+    Load Balancer" (Eisenbud et al., NSDI 2016). It is built once from all
+    targets, so it does not change with the candidate set, and every worker
+    builds the same table. A key starts at the slot of its hash and walks
+    forward to the first slot whose target is a candidate under its load
+    bound. So removing a target from the candidates moves only the keys that
+    were on it, and so does loading a target past its bound, as long as the
+    other targets stay under theirs.
 
-    The load bound follows Mirrokni, Thorup and Zadimoghaddam, "Consistent
-    Hashing with Bounded Loads" (2018), weighted: a target is skipped while
-    in_flight >= ceil(factor * (total in_flight + 1) * weight / total weight),
-    with totals over the candidates. With equal weights this is
-    ceil(factor * (total + 1) / candidates). With factor >= 1 at least one
-    candidate is always under its bound.
+    The load bound is the one of "Consistent Hashing with Bounded Loads"
+    (Mirrokni, Thorup and Zadimoghaddam), extended to weights: a target is
+    skipped while in_flight >= ceil(factor * (total in_flight + 1) * weight /
+    total weight), with totals over the candidates. With equal weights this is
+    ceil(factor * (total in_flight + 1) / number of candidates). With
+    factor >= 1 at least one candidate is always under its bound, because
+    they cannot all carry more than the total.
     """
 
     def __init__(self, targets: Sequence[TargetState], hash_balance_factor: float) -> None:
@@ -297,19 +342,20 @@ class _Maglev:
         # Bound per unit of weight, before rounding up per target.
         bound_per_weight = self._factor * (total_in_flight + 1) / total_weight
 
-        chosen = self._walk(xxhash.xxh3_64_intdigest(key), allowed, bound_per_weight)
+        key_hash = xxhash.xxh3_64_intdigest(key)
+        chosen = self._walk(key_hash, allowed, bound_per_weight)
         if chosen is not None:
             return chosen
-        # No slot belongs to a candidate: a heavily outweighed target may own
-        # no slot at all. Spread such keys over the candidates by hash.
-        return candidates[xxhash.xxh3_64_intdigest(key) % len(candidates)]
+        # No slot belongs to a candidate, because a target whose weight is
+        # tiny next to the others' may own no slot. Spread by hash instead.
+        return candidates[key_hash % len(candidates)]
 
     def _walk(self, key_hash: int, allowed: set[int], bound_per_weight: float) -> int | None:
         """Return the first candidate under its load bound from the key's slot on.
 
         Falls back to the first candidate met when all are at their bound,
-        which only a factor below 1 allows, and to None when no slot in the
-        whole table belongs to a candidate.
+        which a factor >= 1 rules out, and to None when no slot in the whole
+        table belongs to a candidate.
         """
         table = self._table
         targets = self._targets
@@ -331,15 +377,17 @@ class _Maglev:
         return first_allowed
 
 
-def _build_maglev_table(targets: Sequence[TargetState], size: int) -> list[int]:
-    """Fill a Maglev lookup table of `size` slots (a prime) with target indexes.
+def _build_maglev_table(targets: Sequence[TargetState], size: int) -> array[int]:
+    """Build a Maglev lookup table of `size` slots (a prime) of target indexes.
 
     Each target walks its own permutation of the slots, offset + j * skip
-    (mod size), with offset and skip hashed from its URL, so the table does
-    not depend on the order of the target list. Targets take turns claiming
-    their next free slot. A target of weight w takes w / max_weight turns per
-    round, and every target takes a turn in the first round, so it owns at
-    least one slot if there are no more targets than slots.
+    (mod size), with offset and skip hashed from its URL, so a target keeps
+    its preferred slots when the target list changes around it. Targets take
+    turns claiming their next free slot, and each turn claims one slot. A
+    target of weight w takes w / max_weight turns per round, so its slot
+    count is proportional to its weight, give or take one. Every target
+    takes a turn in the first round, so each owns a slot if there are no
+    more targets than slots.
     """
     offsets = []
     skips = []
@@ -350,7 +398,8 @@ def _build_maglev_table(targets: Sequence[TargetState], size: int) -> list[int]:
 
     weights = [target.weight for target in targets]
     max_weight = max(weights)
-    return _fill_maglev_table(offsets, skips, weights, max_weight, size)
+    # 4-byte slots take half the memory of a list of references.
+    return array("i", _fill_maglev_table(offsets, skips, weights, max_weight, size))
 
 
 def _fill_maglev_table(offsets: list[int], skips: list[int], weights: list[int], max_weight: int, size: int) -> list[int]:

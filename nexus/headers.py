@@ -1,6 +1,6 @@
 """Header rewriting for proxied requests and their responses.
 
-This module holds the pure functions (no I/O) that turn the downstream request
+This module contains the pure functions (no I/O) that turn the downstream request
 headers into the upstream request headers and the upstream response headers
 into the downstream response headers. They remove hop-by-hop fields, set the
 X-Forwarded-* fields, append Via and carry the request id. The trust rules for
@@ -64,10 +64,10 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # pyreqwest 0.15.1 raises ValueError for the other control characters.
 _INVALID_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
-# Checked field names, lower-cased, by the name as received; "" marks an
-# invalid name. Names repeat across requests, so this saves a regex match per
-# field. Names come from downstream and upstream input, so the cache is
-# cleared when it reaches the limit, to keep memory flat.
+# Checked field names, lower-cased, by the name as received. An empty string
+# marks an invalid name. Names repeat across requests, so this saves a regex
+# match per field. Names come from downstream and upstream input, so the
+# cache is cleared when it reaches the limit, to keep memory flat.
 _FIELD_NAMES: dict[bytes | str, str] = {}
 _FIELD_NAMES_LIMIT = 1024
 
@@ -88,7 +88,7 @@ class TrustedProxies:
 
     Each entry is an IPv4 or IPv6 address or CIDR. Host bits set in a CIDR are
     ignored, as in the config check of `trusted_proxies`. An empty list trusts
-    nobody.
+    no address.
     """
 
     __slots__ = ("_networks", "_inspect")
@@ -119,7 +119,7 @@ class TrustedProxies:
 
 @dataclass(frozen=True, slots=True)
 class ForwardingContext:
-    """What the request rules need to know about the downstream connection."""
+    """The downstream connection details that the request rules read, and this hop's Via entry."""
 
     peer_ip: str
     scheme: str
@@ -130,7 +130,7 @@ class ForwardingContext:
 
 @dataclass(slots=True)
 class UpstreamRequestHeaders:
-    """The upstream request headers, with the values the rules resolved on the way."""
+    """The upstream request headers, plus the request id, client address and Host resolved while building them."""
 
     headers: list[tuple[str, str]]
     request_id: str
@@ -142,8 +142,8 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     """Build the upstream request headers from the downstream ASGI headers.
 
     End-to-end fields keep their arrival order. Host is left out, because the
-    proxy sets the upstream Host from the target; its first value is returned
-    in `host`. The rewritten fields follow at the end: X-Forwarded-For,
+    proxy sets the upstream Host itself. The first Host value is returned in
+    `host`. The rewritten fields follow at the end: X-Forwarded-For,
     X-Forwarded-Proto, X-Forwarded-Host, Forwarded (only from a trusted peer),
     Via and the request id.
     """
@@ -160,8 +160,11 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
 
     added: list[tuple[str, str]] = []
     _append_forwarding_fields(added, rewritten, ctx, peer_trusted, host)
+    via_values = rewritten.get("via")
     if ctx.via:
-        added.append(("via", _join_list(rewritten.get("via"), ctx.via)))
+        added.append(("via", _join_list(via_values, ctx.via)))
+    elif via_values:
+        added.extend(("via", value) for value in via_values)
     added.append((ctx.request_id_header, request_id))
     # The context values were not checked on the way in, so the added fields
     # pass the same checks as received ones.
@@ -206,7 +209,7 @@ def downstream_response_headers(
 def resolve_client_ip(peer_ip: str, forwarded_for: list[str], trusted: TrustedProxies) -> str:
     """Return the address of the original downstream client.
 
-    `forwarded_for` holds the X-Forwarded-For values in arrival order, each
+    `forwarded_for` contains the X-Forwarded-For values in arrival order, each
     possibly a comma-separated list. Walking X-Forwarded-For + [peer] from the
     right, the first address that is not trusted is the client. If all are
     trusted, the left-most is. A malformed entry ends the walk and is ignored,
@@ -268,8 +271,8 @@ def _inspect_address(entry: str, networks: tuple[_Network, ...]) -> tuple[str | 
 def _parse_node(entry: str) -> _Address | None:
     """Parse an address as proxies write it: bare, `[IPv6]`, `[IPv6]:port` or `IPv4:port`.
 
-    The bracket and port forms follow the node syntax of RFC 7239 section 6;
-    some proxies write them into X-Forwarded-For too.
+    The bracket and port forms follow the node syntax of RFC 7239 section 6,
+    and some proxies write them into X-Forwarded-For too.
     """
     text = entry.strip()
     if text.startswith("["):
@@ -288,11 +291,12 @@ def _parse_node(entry: str) -> _Address | None:
 
 
 def _is_port_suffix(text: str) -> bool:
-    return len(text) > 1 and text[0] == ":" and text[1:].isascii() and text[1:].isdigit()
+    # node-port is 1 to 5 digits (RFC 7239 section 6).
+    return 2 <= len(text) <= 6 and text[0] == ":" and text[1:].isascii() and text[1:].isdigit()
 
 
 def _decode_request_fields(downstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Decode the valid fields, dropping hop-by-hop ones; also return the Connection values."""
+    """Decode the valid fields except hop-by-hop ones, and collect the Connection values."""
     fields: list[tuple[str, str]] = []
     connection_values: list[str] = []
     for raw_name, raw_value in downstream:
@@ -314,7 +318,7 @@ def _decode_request_fields(downstream: list[tuple[bytes, bytes]]) -> tuple[list[
 
 
 def _check_str_fields(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Keep the valid fields, dropping hop-by-hop ones; also return the Connection values."""
+    """Keep the valid fields except hop-by-hop ones, and collect the Connection values."""
     fields: list[tuple[str, str]] = []
     connection_values: list[str] = []
     for raw_name, value in pairs:
@@ -403,7 +407,10 @@ def _append_forwarding_fields(
     peer they are discarded and X-Forwarded-* describe this hop alone.
     """
     if not peer_trusted:
-        fields.append(("x-forwarded-for", ctx.peer_ip))
+        # An ASGI scope without a client (a Unix socket) gives an empty peer,
+        # which would make an empty X-Forwarded-For.
+        if ctx.peer_ip:
+            fields.append(("x-forwarded-for", ctx.peer_ip))
         fields.append(("x-forwarded-proto", ctx.scheme))
         if host is not None:
             fields.append(("x-forwarded-host", host))
