@@ -35,7 +35,10 @@ def _load_or_exit(path: str):
     try:
         return load_config(path)
     except ConfigError as exc:
-        click.echo(f"nexus: invalid config {path}: {exc}", err=True)
+        message = str(exc)
+        # Messages about the file itself already start with its path.
+        prefix = "" if message.startswith(path) else f"{path}: "
+        click.echo(f"nexus: invalid config {prefix}{message}", err=True)
         sys.exit(2)
 
 

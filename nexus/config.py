@@ -1,11 +1,11 @@
 """The config file: one msgspec Struct per section, decoding and validation.
 
 `load_config(path)` is the only entry point the rest of Nexus uses. It parses
-YAML (with YAML 1.2 booleans and no duplicate keys), decodes it into the
-structs below, then runs the checks that types cannot express and those that
-span sections (a route naming an upstream that does not exist, two routes
-with one name). Every error is a ConfigError whose message starts with the
-path of the offending key, says what was found and what is expected, as in
+YAML with YAML 1.2 booleans and no duplicate keys, and decodes it into the
+structs below. Then it runs the checks that types cannot express, and those
+that span sections, such as a route naming an upstream that does not exist.
+Every error is a ConfigError whose message starts with the path of the
+offending key and names the value found and what is expected, as in
 `routes[2].upstream: unknown upstream "billing" (defined: catalog, users)`.
 msgspec's own errors are rewritten into that form from the path and the type
 they report.
@@ -201,7 +201,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(text: bytes | str, source: str = "<config>") -> Config:
-    """Decode and validate config text; `source` names it in file-level errors."""
+    """Decode and validate config text. `source` names the text in file-level errors."""
     raw = _parse_yaml(text, source)
     config = _convert(raw)
     _validate(config)
@@ -308,8 +308,8 @@ def _position(mark: yaml.Mark | None) -> tuple[int, int] | None:
 def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
     """Return PyYAML's problem text, with where the enclosing construct starts if that helps."""
     problem = exc.problem or exc.context or "syntax error"
-    # An unclosed "[" or "{" is reported at the end of the file; the context
-    # mark points at the bracket that was left open.
+    # An unclosed "[" or "{" is reported where the parser gave up, and the
+    # context mark points at the bracket that was left open.
     context, problem_mark = exc.context_mark, exc.problem_mark
     if exc.context and exc.problem and context and (context.line, context.column) != _position(problem_mark):
         problem += f" ({exc.context}{_describe_mark(exc.context_mark)})"
@@ -336,23 +336,23 @@ def _convert(raw: dict[Any, Any]) -> Config:
 
 
 class _KeyPath(NamedTuple):
-    """Where a value sits: as shown to users, and as a pattern for `_EXPECTED`.
+    """The location of a value: its path as shown to users, and a pattern for `_EXPECTED`.
 
     In the pattern, list indexes are `[]` and mapping keys `*`, so that
     `upstreams.a.targets[0]` is `upstreams.*.targets[]`.
     """
 
-    shown: str = ""
+    path: str = ""
     pattern: str = ""
 
     def field(self, name: str) -> _KeyPath:
-        return _KeyPath(_join(self.shown, name), _join(self.pattern, name))
+        return _KeyPath(_join(self.path, name), _join(self.pattern, name))
 
     def item(self, index: int) -> _KeyPath:
-        return _KeyPath(f"{self.shown}[{index}]", f"{self.pattern}[]")
+        return _KeyPath(f"{self.path}[{index}]", f"{self.pattern}[]")
 
     def key(self, key: object) -> _KeyPath:
-        return _KeyPath(_key_path(self.shown, key), _join(self.pattern, "*"))
+        return _KeyPath(_key_path(self.path, key), _join(self.pattern, "*"))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -377,7 +377,8 @@ _PATH_STEP = re.compile(r"\.(?P<field>[A-Za-z_][A-Za-z0-9_]*)|\[(?P<index>[0-9]+
 _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 
-# What a key expects, where the description built from its type would be vague.
+# Descriptions of the expected value, by key pattern, for keys where the
+# description built from the type would be vague.
 _EXPECTED = {
     "workers": 'a positive integer or "auto"',
     "listen": 'a list of addresses such as ["0.0.0.0:8080"]',
@@ -434,48 +435,48 @@ def _explain_mapping(mapping: dict[Any, Any], type_: Any, where: _KeyPath, probl
         for key in mapping:
             if not isinstance(key, str):
                 return _unknown_key_message(type_, key, where)
-        return f"{where.shown}: {problem}"
+        return f"{where.path}: {problem}"
 
     key_type, value_type = get_args(type_)
     for key, item in mapping.items():
         try:
             msgspec.convert(key, key_type)
         except msgspec.ValidationError:
-            return f"{where.shown}: invalid key {show_value(key)}: expected {_describe(key_type)}, so put it in quotes"
+            return f"{where.path}: invalid key {show_value(key)}: expected {_describe(key_type)}, so put it in quotes"
         try:
             msgspec.convert(item, value_type, dec_hook=_decode_units)
         except msgspec.ValidationError as exc:
             return _explain(item, value_type, str(exc), where.key(key))
     # Not reached while msgspec and the checks above agree; keep its wording.
-    return f"{where.shown}: {problem}"
+    return f"{where.path}: {problem}"
 
 
 def _describe_problem(problem: str, value: Any, type_: Any, where: _KeyPath, field: FieldInfo | None) -> str:
     """Write the message for a value that msgspec rejected at `where`."""
     missing = _MISSING_FIELD.match(problem)
     if missing:
-        return f'{where.shown}: missing required key "{missing["field"]}"'
+        return f'{where.path}: missing required key "{missing["field"]}"'
     unknown = _UNKNOWN_FIELD.match(problem)
     if unknown:
         return _unknown_key_message(_narrow(type_, value), unknown["field"], where)
     if _strip_meta(type_)[0] in _UNIT_PARSERS:
         # The unit parsers' messages already show the value and an example.
-        return f"{where.shown}: {problem}"
+        return f"{where.path}: {problem}"
 
     expected = _EXPECTED.get(where.pattern) or _describe(type_)
     if value is None:
         hint = " (or remove the key to use the default)" if field is not None and not field.required else ""
-        return f"{where.shown}: missing value: expected {expected}{hint}"
+        return f"{where.path}: missing value: expected {expected}{hint}"
     if isinstance(value, (list, dict)):
-        return f"{where.shown}: expected {expected}, found {_kind_of(value)}"
-    return f"{where.shown}: invalid value {show_value(value)}: expected {expected}"
+        return f"{where.path}: expected {expected}, found {_kind_of(value)}"
+    return f"{where.path}: invalid value {show_value(value)}: expected {expected}"
 
 
 def _unknown_key_message(struct: type[msgspec.Struct], key: object, where: _KeyPath) -> str:
     names = [field.encode_name for field in msgspec.structs.fields(struct)]
     close = difflib.get_close_matches(str(key), names, n=1)
     guess = f' (did you mean "{close[0]}"?)' if close else ""
-    return f"{where.key(key).shown}: unknown key, expected one of {', '.join(names)}{guess}"
+    return f"{where.key(key).path}: unknown key, expected one of {', '.join(names)}{guess}"
 
 
 def _strip_meta(type_: Any) -> tuple[Any, list[msgspec.Meta]]:
@@ -626,7 +627,7 @@ def _check_listen(listen: list[str]) -> None:
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
-    """Split `host:port` or `[v6]:port` into (host, port); raise ValueError if invalid.
+    """Split `host:port` or `[v6]:port` into (host, port), or raise ValueError if it is invalid.
 
     The host is an IP address or `localhost`, because a listener binds to a
     local address and never resolves other names.
@@ -640,15 +641,22 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     port = int(match.group("port") or match.group("port4"))
     if not 0 <= port <= 65535:
         raise ValueError(f"invalid address {show_value(address)}: port {port} is outside 0-65535")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ValueError(
-                f"invalid address {show_value(address)}: {show_value(host)} is not an IP address "
-                "(use 0.0.0.0 or [::] for all addresses)"
-            ) from None
+    if host != "localhost" and not _is_ip_address(host):
+        raise ValueError(
+            f"invalid address {show_value(address)}: {show_value(host)} is not an IP address "
+            "(use 0.0.0.0 or [::] for all addresses)"
+        )
+    if match.group("v6") and ":" not in host:
+        raise ValueError(f'invalid address {show_value(address)}: brackets are for IPv6 only, write "{host}:{port}"')
     return host, port
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_workers(workers: int | str) -> None:
@@ -773,7 +781,7 @@ def _target_url_problem(url: str) -> str | None:
     try:
         parts = urlsplit(url)
     except ValueError:
-        # urlsplit only raises for an unbalanced IPv6 bracket.
+        # urlsplit raises for a malformed network location, such as an unbalanced IPv6 bracket.
         return f"invalid target {show_value(url)}: expected an http:// URL {example}"
     try:
         port = parts.port
@@ -807,7 +815,7 @@ def _check_hashing(where: str, upstream: Upstream) -> None:
             'set it to a hashing key such as "header:x-user-id" or "client_ip"'
         )
     if upstream.hash_on is not None and upstream.balance != "maglev":
-        # Only maglev hashes; a hash_on on another balancer would be ignored.
+        # Only maglev hashes, so a hash_on on another balancer would be ignored.
         raise ConfigError(
             f'{where}.hash_on: only used when balance is "maglev" (balance is "{upstream.balance}"): '
             "set balance: maglev or remove hash_on"
@@ -887,7 +895,7 @@ def _check_routes(config: Config) -> None:
         _check_match(f"{where}.match", route.match)
         _check_rewrites(where, route)
 
-        # With equal conditions the earlier route always wins, so the later is dead.
+        # With equal conditions the earlier route always wins, so the later one never matches.
         key = _match_key(route.match)
         if key in conditions:
             first = conditions[key]

@@ -20,6 +20,7 @@ __all__ = [
     "NoHealthyTarget",
     "NoRoute",
     "PayloadTooLarge",
+    "UnsupportedTransferCoding",
     "UpstreamConnectFailed",
     "UpstreamError",
     "UpstreamFailed",
@@ -70,6 +71,12 @@ class BodyTimeout(DownstreamError):
     status = 408
     kind = "request_timeout"
     title = "Request body not received in time"
+
+
+class UnsupportedTransferCoding(DownstreamError):
+    status = 501
+    kind = "unsupported_transfer_coding"
+    title = "Transfer coding not supported"
 
 
 class UpstreamError(GatewayError):

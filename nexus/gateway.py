@@ -89,16 +89,20 @@ class Gateway:
 
         # Framing and path checks, before any routing decision depends on them.
         length = declared_length(scope["headers"])
-        path = scope["path"]
-        _check_path(path)
+        raw_path = _raw_path(scope)
+        _check_path(raw_path)
+        _check_path(scope["path"])
 
-        route = self._match(scope, forwarded.host, path)
+        # Routes match the path as sent, which is also what the upstream
+        # receives, so a percent-encoded "/" cannot reach a route it does not
+        # match on the wire.
+        route = self._match(scope, forwarded.host, raw_path)
         pool = self.pools[route.upstream]
 
         body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
         request = ForwardRequest(
             method=scope["method"],
-            path_and_query=_upstream_path(route, scope),
+            path_and_query=_upstream_path(route, scope, raw_path),
             headers=forwarded.headers,
             host=forwarded.host,
             body=body,
@@ -180,10 +184,13 @@ def _check_path(path: str) -> None:
                 raise BadRequest(f"invalid request path {path!r}: dot segments are not allowed")
 
 
-def _upstream_path(route: Route, scope: dict[str, Any]) -> str:
+def _raw_path(scope: dict[str, Any]) -> str:
     raw_path = scope.get("raw_path")
-    path = raw_path.decode("latin-1") if raw_path else scope["path"]
-    path = rewrite_path(route, path)
+    return raw_path.decode("latin-1") if raw_path else scope["path"]
+
+
+def _upstream_path(route: Route, scope: dict[str, Any], raw_path: str) -> str:
+    path = rewrite_path(route, raw_path)
     query = scope.get("query_string", b"")
     return f"{path}?{query.decode('latin-1')}" if query else path
 

@@ -260,6 +260,7 @@ class Master:
             health=self.health,
             workers=self.worker_table,
             master_fds=[self._signals.read_fd, self._signals.write_fd] if self._signals else [],
+            master_pid=os.getpid(),
         )
         self.worker_table.reset(slot_id, 0, self.generation, cpu if cpu is not None else 0, time.time_ns())
         _flush_logs()

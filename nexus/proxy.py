@@ -29,6 +29,7 @@ from nexus.balance import TargetState
 from nexus.body import BUFFER_LIMIT, BodySource
 from nexus.errors import (
     GatewayError,
+    NoHealthyTarget,
     UpstreamConnectFailed,
     UpstreamError,
     UpstreamFailed,
@@ -87,14 +88,16 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
     tried: set[int] = set()
     try:
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + spec.timeouts.total):
+            last_failure: _RetryableFailure | None = None
             while True:
-                target = pool.choose(request.hash_key, tried)
+                target = _choose_next(pool, request, tried, last_failure)
                 tried.add(target.index)
                 failure = await _try_counted(pool, target, request, payload, send, deadline, tried, replayable)
                 if isinstance(failure, ForwardResult):
                     return failure
                 if not _should_retry(pool, request, failure, tried, replayable):
                     raise failure.error or UpstreamFailed("upstream failed", upstream=pool.name)
+                last_failure = failure
                 log.info(
                     "retrying upstream=%s target=%s condition=%s try=%d",
                     pool.name,
@@ -109,6 +112,18 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
         ) from None
     finally:
         pool.in_flight -= 1
+
+
+def _choose_next(
+    pool: UpstreamPool, request: ForwardRequest, tried: set[int], last_failure: _RetryableFailure | None
+) -> TargetState:
+    """Pick the next target; when no untried target is left for a retry, the last failure stands."""
+    try:
+        return pool.choose(request.hash_key, tried)
+    except NoHealthyTarget:
+        if last_failure is not None and last_failure.error is not None:
+            raise last_failure.error from None
+        raise
 
 
 async def _try_counted(
@@ -295,7 +310,13 @@ def _cause(exc: RequestError) -> str:
 
 async def _send_response(response, request: ForwardRequest, send: Send) -> None:
     """Send the upstream response's head and stream its body downstream."""
-    headers = request.response_headers(list(response.headers.items()))
+    try:
+        upstream_headers = list(response.headers.items())
+    except ValueError as exc:
+        # NOTE: pyreqwest 0.15 cannot read header values with non-ASCII
+        # bytes, so such a response cannot be forwarded field by field.
+        raise UpstreamFailed(f"upstream response has a header that is not ASCII: {exc}") from None
+    headers = request.response_headers(upstream_headers)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if request.method == "HEAD":
         await send({"type": "http.response.body", "body": b"", "more_body": False})

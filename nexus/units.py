@@ -102,8 +102,8 @@ def parse_ratio(value: object) -> float:
     elif number > 1.0:
         # A bare 20 is far more likely to mean 20% than 2000%.
         raise ValueError(
-            f"invalid percentage {show_value(value)}: a number without % is a fraction from 0 to 1; "
-            f'write "{_plain(number)}%" for a percentage'
+            f"invalid percentage {show_value(value)}: a number without % is a fraction from 0 to 1, "
+            f'so write "{_plain(number)}%" for a percentage'
         )
     if number > 1.0:
         raise ValueError(f"invalid percentage {show_value(value)}: must be between 0% and 100%")
@@ -114,7 +114,7 @@ def _split(value: object, kind: str, expected: str) -> tuple[float, str]:
     """Split `value` into (number, unit), or raise a ValueError naming `kind`.
 
     Numbers come back as they are with an empty unit, so that each parser can
-    say which unit is missing. Negative and non-finite numbers are rejected.
+    name the missing unit. Negative and non-finite numbers are rejected.
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number, unit = float(value), ""

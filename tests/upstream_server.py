@@ -28,6 +28,9 @@ CHUNK = 64 * 1024
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY the
+    # second waits for the proxy's delayed ACK (about 40 ms per response).
+    disable_nagle_algorithm = True
     server_version = "test-upstream"
     name = "upstream"
     unhealthy_file: str | None = None

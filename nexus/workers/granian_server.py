@@ -91,7 +91,10 @@ def serve(
     for fd, stop_signal in zip(listen_fds, stop_signals):
         stop_signal.add_cb(lambda: loop.call_soon_threadsafe(on_worker_stopped))
         worker = _build_worker(settings, fd)
-        scheduler = _new_cbscheduler(loop, callback, impl_asyncio=False)
+        # NOTE: granian's default scheduler runs handlers in a stand-in task
+        # whose cancel() does nothing, which silently disables
+        # asyncio.timeout(); real asyncio tasks make timeouts work.
+        scheduler = _new_cbscheduler(loop, callback, impl_asyncio=True)
         worker.serve_str(scheduler, loop, stop_signal)
 
     loop.run_until_complete(all_stopped.wait())

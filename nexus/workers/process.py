@@ -13,6 +13,7 @@ master stops instead of restarting it in a loop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -32,6 +33,9 @@ __all__ = ["WorkerSpec", "run_worker"]
 
 log = logging.getLogger("nexus.worker")
 
+# prctl option from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+
 # How often a worker refreshes its heartbeat in the worker table, in seconds.
 HEARTBEAT_INTERVAL = 1.0
 
@@ -48,6 +52,7 @@ class WorkerSpec:
     health: HealthTable
     workers: WorkerTable
     master_fds: list[int]
+    master_pid: int
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -107,6 +112,20 @@ def _reset_process(spec: WorkerSpec) -> None:
             pass
     if spec.cpu is not None:
         os.sched_setaffinity(0, {spec.cpu})
+    _stop_with_parent(spec.master_pid)
+
+
+def _stop_with_parent(master_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the master dies, so no worker is orphaned.
+
+    A master killed with SIGKILL cannot stop its workers itself. The check
+    after prctl covers a master that died before the request was made.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot set parent-death signal: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != master_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _boot(spec: WorkerSpec) -> tuple[asyncio.AbstractEventLoop, Gateway]:
@@ -137,6 +156,11 @@ class _Heartbeat:
         self._flush()
 
     def _beat(self) -> None:
+        if os.getppid() != self._spec.master_pid:
+            # The parent-death signal covers this; this check is the fallback
+            # if it was lost, so an orphan drains within a second.
+            log.warning("master is gone, stopping worker=%d pid=%d", self._spec.slot, os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)
         self._spec.workers.beat(self._spec.slot, time.monotonic_ns())
         self._flush()
         self._handle = self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
