@@ -67,8 +67,8 @@ def check(config_path: str) -> None:
     """Validate a config file without serving; exit 2 if it is invalid."""
     config = _load_or_exit(config_path)
     click.echo(
-        f"{config_path}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
-        f"{config.worker_count()} workers)"
+        f"{config_path}: ok (routes: {len(config.routes)}, upstreams: {len(config.upstreams)}, "
+        f"workers: {config.worker_count()})"
     )
 
 

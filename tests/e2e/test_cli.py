@@ -72,7 +72,7 @@ def test_check_good_config(tmp_path):
     path = _write_config(tmp_path, GOOD_CONFIG)
     result = _run([*NEXUS, "check", "--config", str(path)])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{path}: ok (2 routes, 2 upstreams, 2 workers)"
+    assert result.stdout.strip() == f"{path}: ok (routes: 2, upstreams: 2, workers: 2)"
     assert result.stderr == ""
 
 
