@@ -322,6 +322,16 @@ async def _send_response(response, request: ForwardRequest, send: Send) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
 
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT:
+        # A small body goes out in one message: one write downstream.
+        try:
+            body = bytes(await response.bytes())
+        except RequestError as exc:
+            raise _BodyAborted(f"upstream response body failed: {_cause(exc)}") from None
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+
     reader = response.body_reader
     try:
         while True:
