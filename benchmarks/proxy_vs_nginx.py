@@ -113,7 +113,7 @@ class Services:
     def start(self, name: str, args: list[str], cwd: Path | None = None) -> Service:
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log_file:
-            # A new session makes the process a group leader, so stop() can
+            # A new session makes the process a group leader, so stop_all() can
             # signal it with all its children (nginx or Nexus workers), and a
             # Ctrl-C in the terminal reaches only this script, which stops them.
             process = subprocess.Popen(
@@ -158,7 +158,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float, what: str, service: Service) -> None:
+def wait_until(predicate, timeout: float, condition: str, service: Service) -> None:
     """Poll `predicate` every 50 ms; raise BenchmarkError if the service exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -166,18 +166,18 @@ def wait_until(predicate, timeout: float, what: str, service: Service) -> None:
             return
         if service.process.poll() is not None:
             raise BenchmarkError(
-                f"{service.name} exited with status {service.process.returncode} before {what}; "
+                f"{service.name} exited with status {service.process.returncode} before {condition}; "
                 f"its log ({service.log_path}):\n{service.log()[-4000:]}"
             )
         time.sleep(0.05)
-    raise BenchmarkError(f"timed out after {timeout:g} s waiting for {what}; log of {service.name}:\n{service.log()[-4000:]}")
+    raise BenchmarkError(f"timed out after {timeout:g} s waiting for {condition}; log of {service.name}:\n{service.log()[-4000:]}")
 
 
 def wait_for_http(url: str, service: Service) -> None:
     """Wait until a GET of `url` returns status 200."""
     host, port = url.removeprefix("http://").rstrip("/").split(":")
 
-    def answers() -> bool:
+    def returns_200() -> bool:
         try:
             with socket.create_connection((host, int(port)), timeout=1) as conn:
                 conn.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
@@ -185,7 +185,7 @@ def wait_for_http(url: str, service: Service) -> None:
         except OSError:
             return False
 
-    wait_until(answers, START_TIMEOUT, f"{service.name} to answer 200 on {url}", service)
+    wait_until(returns_200, START_TIMEOUT, f"{service.name} to answer 200 on {url}", service)
 
 
 # nginx and Nexus
@@ -729,17 +729,20 @@ def machine_facts() -> dict[str, str]:
 
 
 def pinning_text(workers: int) -> str:
+    """Return the CPU pinning of every process as Markdown list items."""
+    load = "- The upstream nginx (1 worker), wrk and the open-loop client: CPU 1 (`taskset -c 1`).\n"
     if workers == 1:
         return (
-            "upstream nginx (1 worker), wrk and the open-loop client on CPU 1 (`taskset -c 1`); "
-            "the Nexus worker on CPU 0 (Nexus pins it itself, the master is not pinned and idles); "
-            "the nginx proxy master and worker on CPU 0 (`taskset -c 0`)"
+            load
+            + "- The Nexus worker: CPU 0, pinned by Nexus itself. The master is not pinned and mostly sleeps.\n"
+            + "- The nginx proxy, master and worker: CPU 0 (`taskset -c 0`).\n"
         )
     return (
-        "upstream nginx (1 worker), wrk and the open-loop client on CPU 1 (`taskset -c 1`); "
-        f"with {workers} workers, Nexus pins worker i to CPU i when there are no more workers than CPUs, "
-        "and the nginx proxy uses `worker_cpu_affinity auto`, so the proxies share CPUs with the load "
-        "generator and the upstream"
+        load
+        + f"- Nexus, {workers} workers: worker i on CPU i, pinned by Nexus itself when there are no more workers "
+        "than CPUs.\n"
+        + f"- The nginx proxy, {workers} workers: `worker_cpu_affinity auto`.\n"
+        + "- So the proxies share CPUs with the load generators and the upstream.\n"
     )
 
 
@@ -781,10 +784,14 @@ def _ms(value: float) -> str:
     return f"{value:.2f} ms"
 
 
+def _runs(count: int) -> str:
+    return "1 run" if count == 1 else f"{count} runs"
+
+
 def throughput_table(run: BenchmarkRun, args: argparse.Namespace) -> list[str]:
     lines = [
         f"Maximum throughput: `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency`, "
-        f"{args.runs} runs per proxy, alternating, each after a {WARMUP_SECONDS:g} s warm-up; medians:",
+        f"{_runs(args.runs)} per proxy, alternating, each after a {WARMUP_SECONDS:g} s warm-up; medians:",
         "",
         "| Proxy | Workers | Requests/s | p50 | p90 | p99 | Requests/s of each run | Errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
@@ -804,7 +811,7 @@ def half_load_table(run: BenchmarkRun, args: argparse.Namespace) -> list[str]:
     lines = [
         f"Latency at half of Nexus's median maximum: the open-loop client sends {rate:,.0f} requests/s "
         f"for {OPEN_LOOP_SECONDS:g} s after a {WARMUP_SECONDS:g} s warm-up over {args.connections} keep-alive "
-        f"connections, {args.runs} runs per proxy, alternating; medians:",
+        f"connections, {_runs(args.runs)} per proxy, alternating; medians:",
         "",
         "| Proxy | Rate sent | p50 | p99 | p99 of each run | Errors | Non-2xx | Waited for a connection | Client dispatch lag p99 |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
@@ -839,8 +846,10 @@ def results_markdown(run: BenchmarkRun, args: argparse.Namespace) -> str:
         f"- Nexus p99 under {TARGET_P99_MS:g} ms at half of its own maximum: "
         f"{_ms(p99)}, **{'met' if p99 < TARGET_P99_MS else 'not met'}**.",
         "",
-        f"CPU availability (a probe spinning on both CPUs at once for 2 s): before the runs {run.cpu_before}; "
-        f"after the runs {run.cpu_after}.",
+        "CPU availability, from a probe spinning on both CPUs at once for 2 s:",
+        "",
+        f"- before the runs: {run.cpu_before}",
+        f"- after the runs: {run.cpu_after}",
         "",
         f"Other load during the run: {run.other_load}.",
     ]
@@ -857,7 +866,7 @@ def report_section(table: str, facts: dict[str, str], command: str, workers: int
         f"Run on {datetime.date.today().isoformat()} with:\n\n"
         f"```\n{command}\n```\n\n"
         f"Machine:\n\n{fact_lines}\n\n"
-        f"Pinning: {pinning_text(workers)}.\n\n"
+        f"Pinning:\n\n{pinning_text(workers)}\n"
         f"{table}\n"
     )
 
