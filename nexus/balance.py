@@ -25,9 +25,9 @@ __all__ = ["Balancer", "TargetState", "make_balancer", "BALANCER_KINDS", "MAGLEV
 BALANCER_KINDS = ("round_robin", "least_request", "p2c_ewma", "maglev")
 
 # Slots in a Maglev lookup table. A prime, so that every skip in 1..size-1
-# visits every slot. The Maglev paper asks for more than 100 slots per target,
-# which this size meets up to 655 targets. Each table takes 256 KiB (4-byte
-# slots) per upstream and worker.
+# visits every slot. The Maglev paper (Eisenbud et al., NSDI 2016) recommends
+# more than 100 slots per target, which this size meets up to 655 targets.
+# Each table takes 256 KiB (4-byte slots) per upstream and worker.
 MAGLEV_TABLE_SIZE = 65537
 
 # Time constant of the latency EWMA, in seconds: a sample that is this old

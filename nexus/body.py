@@ -3,7 +3,7 @@
 granian hands the body to the ASGI app in chunks and enforces no size limit
 and no read timeout, so Nexus does both here. A body whose declared length
 fits in `BUFFER_LIMIT` is read whole before the first upstream try, which
-makes it replayable for retries; a larger or chunked body is streamed to the
+makes it replayable for retries. A larger or chunked body is streamed to the
 upstream as it arrives, with bounded memory, and cannot be retried.
 """
 
@@ -18,7 +18,7 @@ __all__ = ["BUFFER_LIMIT", "BodySource", "declared_length"]
 
 # Bodies up to this size are buffered whole (bytes): large enough for typical
 # JSON API calls, small enough that a worker serving 1024 of them at once
-# holds at most 64 MiB.
+# uses at most 64 MiB for them.
 BUFFER_LIMIT = 64 * 1024
 
 Receive = Callable[[], Awaitable[dict]]
@@ -32,7 +32,7 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     Transfer-Encoding and Content-Length, several different Content-Length
     values, or one that is not a non-negative integer.
 
-    NOTE: granian 2.8.9 (hyper) answers invalid or conflicting Content-Length
+    NOTE: granian 2.8.9 (hyper) rejects invalid or conflicting Content-Length
     with its own bare 400 before the app runs, and drops Content-Length when
     Transfer-Encoding is present (closing the connection after the response),
     so these checks only guard other servers and future granian versions.
@@ -45,7 +45,7 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         elif name == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 # RFC 9112 section 6.1: a transfer coding the server does not
-                # understand is answered with 501. The HTTP server decodes
+                # understand gets a 501 response. The HTTP server decodes
                 # only chunked, so any other coding would reach the upstream
                 # still encoded but no longer labelled.
                 raise UnsupportedTransferCoding(
@@ -69,7 +69,7 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 class BodySource:
     """Reads one request body from ASGI `receive`, enforcing limits.
 
-    `error` holds the DownstreamError that stopped a streamed body, because
+    `error` is the DownstreamError that stopped a streamed body, because
     the upstream client wraps exceptions raised inside the body stream.
     """
 

@@ -1,7 +1,7 @@
-"""Errors the gateway answers a downstream request with, as RFC 9457 problems.
+"""Errors the gateway returns to a downstream request, as RFC 9457 problems.
 
 Each class fixes the HTTP status, the problem type and the short title, so a
-handler raises the error and one place (`problem_response`) turns it into an
+handler raises the error and one place (`problem_body`) turns it into an
 `application/problem+json` body. Errors are grouped by who is at fault:
 DownstreamError for a bad request (4xx), UpstreamError for a failure reaching
 or hearing from the upstream (5xx). The `kind` is a stable label for logs
@@ -30,7 +30,7 @@ __all__ = [
 
 
 class GatewayError(Exception):
-    """An error answered to the downstream with `status` and a problem body."""
+    """An error returned to the downstream with `status` and a problem body."""
 
     status = 500
     kind = "internal_error"
@@ -80,7 +80,7 @@ class UnsupportedTransferCoding(DownstreamError):
 
 
 class UpstreamError(GatewayError):
-    """The upstream could not be reached or did not answer usably."""
+    """The upstream could not be reached or sent no usable response."""
 
     status = 502
     kind = "upstream_failed"

@@ -3,9 +3,9 @@
 For each downstream request, in order: read the forwarding headers, check
 the body framing and the path, match a route, check the declared body size,
 then forward to the route's upstream (`nexus.proxy`). Any GatewayError
-raised on the way becomes an `application/problem+json` response; an
-unexpected exception becomes a 500 problem and is logged with its traceback,
-so a bad request never takes the worker down.
+raised on the way becomes an `application/problem+json` response. An
+unexpected exception becomes a 500 problem and is logged with its
+traceback, so a bad request never takes the worker down.
 """
 
 from __future__ import annotations
@@ -62,20 +62,25 @@ class Gateway:
         if scope["type"] != "http":
             return
         exchange = _Exchange(send)
-        request_id = None
         try:
-            request_id = await self._handle(scope, receive, exchange)
+            await self._handle(scope, receive, exchange)
         except GatewayError as error:
-            await self._send_error(scope, exchange, error, request_id or getattr(exchange, "request_id", None))
+            await self._send_error(scope, exchange, error)
         except Exception:
-            log.exception("unhandled error worker=%d method=%s path=%s", self.worker_id, scope.get("method"), scope.get("path"))
+            log.exception(
+                "unhandled error worker=%d request_id=%s method=%s path=%s",
+                self.worker_id,
+                exchange.request_id,
+                scope.get("method"),
+                scope.get("path"),
+            )
             error = GatewayError("the gateway failed while handling this request; see its error log")
-            await self._send_error(scope, exchange, error, getattr(exchange, "request_id", None))
+            await self._send_error(scope, exchange, error)
         finally:
             self.requests_done += 1
 
-    async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> str:
-        """Run the pipeline for one request; return its request id."""
+    async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> None:
+        """Run the pipeline for one request, recording its request id in `exchange`."""
         # Forwarding headers first, so every later error carries the request id.
         client = scope.get("client") or ("", 0)
         context = ForwardingContext(
@@ -110,7 +115,6 @@ class Gateway:
             response_headers=exchange.response_headers_builder(self, forwarded.request_id),
         )
         await forward(pool, request, exchange.send)
-        return forwarded.request_id
 
     def _match(self, scope: dict[str, Any], host: str | None, path: str) -> Route:
         headers = _header_dict(scope["headers"]) if self._route_needs_headers else {}
@@ -119,7 +123,9 @@ class Gateway:
             raise NoRoute(f"no route matches {scope['method']} {host or '(no host)'}{path}")
         return route
 
-    async def _send_error(self, scope: dict[str, Any], exchange: _Exchange, error: GatewayError, request_id: str | None) -> None:
+    async def _send_error(self, scope: dict[str, Any], exchange: _Exchange, error: GatewayError) -> None:
+        """Log a failed request and send its problem response, or cut the connection if too late."""
+        request_id = exchange.request_id
         level = logging.WARNING if error.status >= 500 else logging.DEBUG
         log.log(
             level,

@@ -19,12 +19,16 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 __all__ = [
+    "HOP_BY_HOP_FIELDS",
+    "REQUEST_REWRITTEN_FIELDS",
     "ForwardingContext",
     "TrustedProxies",
     "UpstreamRequestHeaders",
     "downstream_response_headers",
+    "is_token",
     "is_valid_request_id",
     "new_request_id",
     "resolve_client_ip",
@@ -34,7 +38,7 @@ __all__ = [
 # Hop-by-hop fields (RFC 9110 section 7.6.1): they describe one connection, so
 # a proxy removes them in both directions, together with every field that a
 # Connection line names.
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP_FIELDS = frozenset(
     {
         "connection",
         "keep-alive",
@@ -49,7 +53,7 @@ _HOP_BY_HOP = frozenset(
 
 # Received fields that the request rules read and then rewrite, instead of
 # copying them through unchanged. The request id field is added per call.
-_REQUEST_REWRITTEN = frozenset(
+REQUEST_REWRITTEN_FIELDS = frozenset(
     {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via"}
 )
 _RESPONSE_REWRITTEN = frozenset({"via"})
@@ -148,7 +152,7 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     Via and the request id.
     """
     fields, connection_values = _decode_request_fields(downstream)
-    kept, rewritten = _split_fields(fields, _REQUEST_REWRITTEN, ctx.request_id_header)
+    kept, rewritten = _split_fields(fields, REQUEST_REWRITTEN_FIELDS, ctx.request_id_header)
     if connection_values:
         # Host stays: the downstream cannot make the request lose its target.
         kept = _drop_connection_options(kept, rewritten, connection_values, keep="host")
@@ -297,38 +301,29 @@ def _is_port_suffix(text: str) -> bool:
 
 def _decode_request_fields(downstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], list[str]]:
     """Decode the valid fields except hop-by-hop ones, and collect the Connection values."""
-    fields: list[tuple[str, str]] = []
-    connection_values: list[str] = []
-    for raw_name, raw_value in downstream:
-        name = _FIELD_NAMES.get(raw_name)
-        if name is None:
-            name = _check_field_name(raw_name, raw_name.decode("latin-1"))
-        # NOTE: pyreqwest 0.15.1 sends str values as UTF-8, so a value with
-        # bytes above 0x7F reaches the upstream re-encoded, not byte for byte.
-        value = raw_value.decode("latin-1")
-        if not name or not _is_valid_value(value):
-            continue
-
-        if name in _HOP_BY_HOP:
-            if name == "connection":
-                connection_values.append(value)
-            continue
-        fields.append((name, value))
-    return fields, connection_values
+    # NOTE: pyreqwest 0.15.1 sends str values as UTF-8, so a value with
+    # bytes above 0x7F reaches the upstream re-encoded, not byte for byte.
+    return _filter_fields(downstream, decode=True)
 
 
 def _check_str_fields(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
     """Keep the valid fields except hop-by-hop ones, and collect the Connection values."""
+    return _filter_fields(pairs, decode=False)
+
+
+def _filter_fields(pairs: Iterable[tuple[Any, Any]], decode: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """Drop invalid and hop-by-hop fields; `decode` turns latin-1 bytes into str first."""
     fields: list[tuple[str, str]] = []
     connection_values: list[str] = []
-    for raw_name, value in pairs:
+    for raw_name, raw_value in pairs:
         name = _FIELD_NAMES.get(raw_name)
         if name is None:
-            name = _check_field_name(raw_name, raw_name)
+            name = _check_field_name(raw_name, raw_name.decode("latin-1") if decode else raw_name)
+        value = raw_value.decode("latin-1") if decode else raw_value
         if not name or not _is_valid_value(value):
             continue
 
-        if name in _HOP_BY_HOP:
+        if name in HOP_BY_HOP_FIELDS:
             if name == "connection":
                 connection_values.append(value)
             continue
@@ -336,9 +331,14 @@ def _check_str_fields(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str,
     return fields, connection_values
 
 
+def is_token(text: str) -> bool:
+    """Return whether `text` is an HTTP token, as field names must be (RFC 9110 section 5.6.2)."""
+    return _TOKEN.fullmatch(text) is not None
+
+
 def _check_field_name(raw_name: bytes | str, name: str) -> str:
     """Return the lower-cased name, or "" if it is not a token, and cache the result."""
-    checked = name.lower() if _TOKEN.fullmatch(name) else ""
+    checked = name.lower() if is_token(name) else ""
     if len(_FIELD_NAMES) >= _FIELD_NAMES_LIMIT:
         _FIELD_NAMES.clear()
     _FIELD_NAMES[raw_name] = checked
@@ -384,7 +384,7 @@ def _drop_connection_options(
     options.discard(keep)
 
     # The usual options (close, keep-alive) name no field that is still here.
-    options.difference_update(_HOP_BY_HOP)
+    options.difference_update(HOP_BY_HOP_FIELDS)
     options.discard("close")
     if not options:
         return kept

@@ -10,8 +10,8 @@ up again. Workers read the table on every request, so N workers cost one
 probe per interval, not N.
 
 With the defaults (250 ms interval, 2 failures) a dead target is out of
-rotation about 0.5-0.75 s after it dies; a refused connection fails a probe
-at once, a silent one after the probe timeout.
+rotation about 0.5-0.75 s after it dies. A refused connection fails a probe
+at once, and a target that does not respond fails it after the probe timeout.
 """
 
 from __future__ import annotations

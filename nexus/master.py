@@ -1,13 +1,13 @@
 """The master process: owns the sockets and shared memory, supervises workers.
 
 The master binds the listening sockets, creates the shared-memory tables,
-forks one worker per slot (pinned to a CPU), runs the active health checks,
-and then loops: wait for a signal or a timeout, handle queued signals, reap
-exited workers, kill workers whose heartbeat stopped, and start workers for
-empty slots. Signal handlers only queue the signal and wake the loop; all
-work and all logging happen in the loop.
+forks one worker per slot (pinned to a CPU) and runs the active health
+checks. Then it loops. Each pass waits for a signal or a timeout, handles
+queued signals, reaps exited workers, kills workers whose heartbeat stopped
+and starts workers for empty slots. Signal handlers only queue the signal
+and wake the loop, so all work and all logging happen in the loop.
 
-Each worker belongs to a generation. There is one generation today; a
+Each worker belongs to a generation. There is one generation today. A
 config reload will start the next generation on the same sockets and drain
 the old one, which is why workers are tracked with their generation.
 """
@@ -27,7 +27,6 @@ from nexus.health import HealthChecker
 from nexus.listeners import Listener, bind_listeners
 from nexus.shm.health import HealthTable
 from nexus.shm.workers import WorkerState, WorkerTable
-from nexus.upstream import target_slots
 from nexus.workers import exitcodes
 from nexus.workers.process import WorkerSpec, run_worker
 
@@ -94,6 +93,7 @@ class Master:
         self._slots = [_Slot() for _ in range(config.worker_count())]
         self._cpus = sorted(os.sched_getaffinity(0))
         self._signals: _Signals | None = None
+        self.health_checker: HealthChecker | None = None
         self._exit_status = 0
 
     def run(self) -> int:
@@ -123,12 +123,9 @@ class Master:
         return self._exit_status
 
     def _create_shared_memory(self) -> None:
-        slots = target_slots(self.config)
-        total_targets = sum(len(u.targets) for u in self.config.upstreams.values()) if slots else 0
+        total_targets = sum(len(upstream.targets) for upstream in self.config.upstreams.values())
         self.health = HealthTable.create(total_targets)
         self.worker_table = WorkerTable.create(len(self._slots))
-
-    # Signals: handlers queue, the loop acts.
 
     def _install_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -154,8 +151,6 @@ class Master:
                     pass
             except BlockingIOError:
                 pass
-
-    # The main loop.
 
     def _loop(self) -> None:
         while self.state is MasterState.RUNNING:
@@ -249,8 +244,14 @@ class Master:
             if slot_id not in self.workers and slot.restart_at <= now:
                 self._spawn(slot_id)
 
+    def _cpu_for(self, slot_id: int) -> int | None:
+        """Return the CPU to pin a slot's worker to, or None with more workers than CPUs."""
+        if len(self._slots) > len(self._cpus):
+            return None
+        return self._cpus[slot_id % len(self._cpus)]
+
     def _spawn(self, slot_id: int) -> None:
-        cpu = self._cpus[slot_id % len(self._cpus)] if self.config.workers == "auto" or len(self._slots) <= len(self._cpus) else None
+        cpu = self._cpu_for(slot_id)
         spec = WorkerSpec(
             slot=slot_id,
             generation=self.generation,
@@ -271,8 +272,6 @@ class Master:
         self.workers[slot_id] = _Worker(pid, slot_id, self.generation, cpu, time.monotonic())
         log.info("worker started worker=%d pid=%d cpu=%s generation=%d", slot_id, pid, cpu, self.generation)
 
-    # Stopping.
-
     def _stop(self) -> None:
         """Drain workers up to the shutdown timeout, then kill the rest."""
         self.state = MasterState.STOPPING
@@ -281,7 +280,9 @@ class Master:
             _kill(worker.pid, signal.SIGTERM)
         while self.workers and time.monotonic() < deadline:
             self._wait(min(LOOP_INTERVAL, max(0.0, deadline - time.monotonic())))
-            self._signals.pending.clear() if self._signals else None
+            if self._signals is not None:
+                # Signals during the drain change nothing: the stop is under way.
+                self._signals.pending.clear()
             self._reap()
         for worker in list(self.workers.values()):
             log.warning("worker did not finish draining in time worker=%d pid=%d: killing", worker.slot, worker.pid)
@@ -290,7 +291,8 @@ class Master:
             self._reap()
             if self.workers:
                 time.sleep(0.01)
-        self.health_checker.stop() if hasattr(self, "health_checker") else None
+        if self.health_checker is not None:
+            self.health_checker.stop()
         for listener in self.listeners:
             listener.sock.close()
         log.info("master stopped pid=%d status=%d", os.getpid(), self._exit_status)

@@ -12,7 +12,7 @@ the chosen response to the downstream. The rules:
   `timeouts.total` bounds the whole exchange, body included.
 - The response body is streamed with ASGI `send`, which waits while
   granian's buffer for the connection is full, so a slow downstream reader
-  holds the upstream read instead of growing the worker's memory.
+  pauses the upstream read instead of growing the worker's memory.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ _FAILURE_STATUSES = frozenset({502, 503, 504})
 
 @dataclass(slots=True)
 class ForwardRequest:
-    """What the proxy sends upstream for one downstream request."""
+    """The request the proxy sends upstream for one downstream request."""
 
     method: str
     path_and_query: str
@@ -92,9 +92,10 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
             while True:
                 target = _choose_next(pool, request, tried, last_failure)
                 tried.add(target.index)
-                failure = await _try_counted(pool, target, request, payload, send, deadline, tried, replayable)
-                if isinstance(failure, ForwardResult):
-                    return failure
+                outcome = await _try_counted(pool, target, request, payload, send, deadline, tried, replayable)
+                if isinstance(outcome, ForwardResult):
+                    return outcome
+                failure = outcome
                 if not _should_retry(pool, request, failure, tried, replayable):
                     raise failure.error or UpstreamFailed("upstream failed", upstream=pool.name)
                 last_failure = failure
@@ -117,7 +118,7 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
 def _choose_next(
     pool: UpstreamPool, request: ForwardRequest, tried: set[int], last_failure: _RetryableFailure | None
 ) -> TargetState:
-    """Pick the next target; when no untried target is left for a retry, the last failure stands."""
+    """Pick the next target, or raise the last failure when no untried target is left for a retry."""
     try:
         return pool.choose(request.hash_key, tried)
     except NoHealthyTarget:

@@ -12,9 +12,9 @@ A route matches when every condition in its `match` holds:
 - `host`: the request's Host/authority value is reduced to a host name: the
   port is dropped (`api.example.com:8080`, `[::1]:8080`), IPv6 brackets are
   removed, the name is lower-cased and one trailing dot is ignored. Route
-  hosts are reduced the same way (except that a port in a route host is kept,
-  so such a host never matches; and a wildcard with no domain, `*.`, makes
-  RouteTable raise ValueError). An exact host matches that name only. A
+  hosts are reduced the same way, with two exceptions. A port in a route host
+  is kept, so such a host never matches. A wildcard with no domain, `*.`,
+  makes RouteTable raise ValueError. An exact host matches that name only. A
   wildcard `*.example.com` matches a name that ends in `.example.com` and has
   at least one more non-empty label before it (`a.example.com`,
   `a.b.example.com`), never `example.com` itself. With a list of hosts, any

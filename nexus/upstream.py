@@ -1,6 +1,6 @@
 """Upstream pools inside a worker: target choice, passive ejection, retry budget.
 
-A worker holds one UpstreamPool per configured upstream. The pool decides
+A worker has one UpstreamPool per configured upstream. The pool decides
 which target gets a try: a target must be up in the shared health table
 (written by the master's active checks) and not ejected by this worker's
 passive checks; the balancer picks among those. The pool also owns the
@@ -46,7 +46,7 @@ class _Ejection:
 
 
 class UpstreamPool:
-    """The targets of one upstream as one worker sees and uses them."""
+    """The targets of one upstream, with the state one worker keeps about them."""
 
     def __init__(self, name: str, spec: Upstream, health: HealthTable, first_slot: int, worker_id: int) -> None:
         self.name = name
@@ -110,7 +110,7 @@ class UpstreamPool:
         """Return whether the retry budget allows one more retry in flight.
 
         Retries in flight are capped at max(min_concurrent, budget x requests
-        in flight), so a failing upstream sees a bounded share of extra load
+        in flight), so a failing upstream gets a bounded share of extra load
         instead of a retry storm.
         """
         policy = self.spec.retries

@@ -122,7 +122,7 @@ def test_host_list_matches_any_listed_host(request_host: str, expected: str | No
     assert matched(routes, host=request_host) == expected
 
 
-def test_empty_host_list_is_the_same_as_no_host() -> None:
+def test_empty_host_list_matches_any() -> None:
     assert matched([route("r", host=[])], host="anything.example") == "r"
     assert matched([route("r", host=[])], host=None) == "r"
 
@@ -372,8 +372,8 @@ def test_precedence(winner: dict[str, Any], loser: dict[str, Any], request_: dic
     assert matched(routes, **request) == "winner"
 
 
-# Key 5, config order, against each other key: the later route is better on
-# one key, so it wins although it comes second; with all keys tied, the
+# Key 5, config order, against each other key. The later route is better on
+# one key, so it wins although it comes second. With all keys tied, the
 # earlier route wins.
 ORDER = [
     pytest.param({}, {"host": "*.example.com"}, {"host": "a.example.com"}, id="host-over-order"),
@@ -408,7 +408,7 @@ def test_earlier_route_wins_a_tie(match: dict[str, Any]) -> None:
     assert matched(routes, **request) == "first"
 
 
-def test_methods_and_header_count_tie_goes_to_config_order() -> None:
+def test_tie_goes_to_config_order() -> None:
     # Different methods and headers, same count: a tie on keys 3 and 4.
     routes = [
         route("first", methods=["GET"], headers={"a": "1"}),
@@ -418,7 +418,7 @@ def test_methods_and_header_count_tie_goes_to_config_order() -> None:
     assert matched(list(reversed(routes)), headers={"a": "1", "b": "2"}) == "second"
 
 
-def test_route_with_several_hosts_ranks_by_the_host_that_matched() -> None:
+def test_several_hosts_rank_by_match() -> None:
     routes = [
         route("wild-path", host="*.example.com", path="/x"),
         route("multi", host=["*.example.com", "a.example.com"]),

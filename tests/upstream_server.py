@@ -1,8 +1,8 @@
 """A real HTTP/1.1 upstream server for the end-to-end tests.
 
 Run as `python tests/upstream_server.py PORT NAME`; it serves on 127.0.0.1
-until killed. Every response carries `x-upstream: NAME`, so tests can see
-which target answered. Endpoints:
+until killed. Every response carries `x-upstream: NAME`, so tests can tell
+which target sent the response. Endpoints:
 
     /echo...            200, JSON of method, path, query, headers (as a list) and body length
     /status/N           status N with an empty body

@@ -21,6 +21,7 @@ from nexus.config.model import (
     Timeouts,
     Upstream,
 )
+from nexus.headers import HOP_BY_HOP_FIELDS, REQUEST_REWRITTEN_FIELDS, is_token
 from nexus.units import show_value
 
 
@@ -117,12 +118,8 @@ def _check_trusted_proxies(networks: list[str]) -> None:
             ) from None
 
 
-# A header or cookie name: an HTTP token (RFC 9110 section 5.6.2).
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 def _check_header_name(where: str, name: str) -> None:
-    if not _TOKEN.fullmatch(name):
+    if not is_token(name):
         raise ConfigError(
             f"{where}: invalid header name {show_value(name)}: use only letters, digits and "
             "!#$%&'*+-.^_`|~, such as \"x-request-id\""
@@ -131,25 +128,7 @@ def _check_header_name(where: str, name: str) -> None:
 
 # Fields that the gateway removes, sets or rewrites itself, so a request id
 # stored in one of them would be lost or would break the message.
-_RESERVED_HEADERS = frozenset(
-    {
-        "connection",
-        "content-length",
-        "forwarded",
-        "host",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "via",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-    }
-)
+_RESERVED_HEADERS = HOP_BY_HOP_FIELDS | REQUEST_REWRITTEN_FIELDS | {"content-length"}
 
 
 def _check_request_id_header(name: str) -> None:
@@ -266,7 +245,7 @@ def _hash_on_problem(hash_on: str) -> str | None:
     if hash_on in _HASH_KEYS:
         return None
     kind, _, name = hash_on.partition(":")
-    if kind in _HASH_SOURCES and _TOKEN.fullmatch(name):
+    if kind in _HASH_SOURCES and is_token(name):
         return None
     return (
         f'invalid value {show_value(hash_on)}: expected "header:NAME", "cookie:NAME", "client_ip" or "path", '

@@ -24,7 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 
-__all__ = ["HEADER_BYTES", "Segment", "SegmentError"]
+__all__ = ["HEADER_BYTES", "Segment", "SegmentError", "SlotTable"]
 
 MAGIC = int.from_bytes(b"NEXUSSHM", "little")
 HEADER_BYTES = 64
@@ -56,7 +56,7 @@ class Segment:
         os.ftruncate(fd, size)
         segment = cls(fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
 
-        # The magic goes last, so a reader that checks it sees a whole header.
+        # The magic goes last, so a reader that finds it also finds a whole header.
         segment.words[1] = _tag(kind)
         segment.words[2] = layout
         segment.words[3] = size
@@ -87,7 +87,7 @@ class Segment:
                 f"version {layout}: restart the service instead of upgrading in place"
             )
         if words[3] != len(self.mapping):
-            raise SegmentError(f"shared-memory segment {kind.decode()} header says {words[3]} bytes, mapped {len(self.mapping)}")
+            raise SegmentError(f"shared-memory segment {kind.decode()} is invalid: its header gives {words[3]} bytes but {len(self.mapping)} are mapped")
 
     @property
     def payload_offset_words(self) -> int:
@@ -102,3 +102,31 @@ class Segment:
 
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
+
+
+class SlotTable:
+    """Base of the tables made of fixed-size slots of 64-bit words in one segment.
+
+    A subclass sets KIND and LAYOUT (the header's table tag and version) and
+    SLOT_WORDS (words per slot).
+    """
+
+    KIND: bytes = b""
+    LAYOUT = 0
+    SLOT_WORDS = 1
+
+    def __init__(self, segment: Segment, slots: int) -> None:
+        self.segment = segment
+        self.slots = slots
+        self._words = segment.words
+        self._base = segment.payload_offset_words
+
+    @classmethod
+    def create(cls, slots: int):
+        """Create a zeroed table of `slots` slots in a new segment."""
+        return cls(Segment.create(cls.KIND, cls.LAYOUT, max(slots, 1) * cls.SLOT_WORDS * 8), slots)
+
+    @classmethod
+    def attach(cls, fd: int, slots: int):
+        """Map the table in the segment `fd`, checking its kind and layout."""
+        return cls(Segment.attach(fd, cls.KIND, cls.LAYOUT), slots)

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import enum
 
-from nexus.shm.segment import Segment
+from nexus.shm.segment import SlotTable
 
 __all__ = ["WorkerState", "WorkerTable"]
 
-_KIND = b"workers"
-_LAYOUT = 1
-_SLOT_WORDS = 8
-
-
 class WorkerState(enum.IntEnum):
-    """Lifecycle of a worker process, as the master sees it."""
+    """Lifecycle state of a worker process, as recorded in the worker table."""
 
     EMPTY = 0
     BOOTING = 1
@@ -38,21 +33,15 @@ class WorkerState(enum.IntEnum):
     EXITED = 4
 
 
-class WorkerTable:
+class WorkerTable(SlotTable):
     """Per-worker pid, state, heartbeat and request count in shared memory."""
 
-    def __init__(self, segment: Segment, slots: int) -> None:
-        self.segment = segment
-        self.slots = slots
-        self._words = segment.words
-        self._base = segment.payload_offset_words
-
-    @classmethod
-    def create(cls, slots: int) -> WorkerTable:
-        return cls(Segment.create(_KIND, _LAYOUT, max(slots, 1) * _SLOT_WORDS * 8), slots)
+    KIND = b"workers"
+    LAYOUT = 1
+    SLOT_WORDS = 8
 
     def _offset(self, slot: int, word: int) -> int:
-        return self._base + slot * _SLOT_WORDS + word
+        return self._base + slot * self.SLOT_WORDS + word
 
     def reset(self, slot: int, pid: int, generation: int, cpu: int, started_ns: int) -> None:
         """Prepare a slot for a newly forked worker (master side)."""

@@ -36,7 +36,7 @@ AsgiApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict]], Callable[[dic
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    """What granian needs to know about the socket and the HTTP/1 connection."""
+    """Settings granian needs for the socket and the HTTP/1 connections."""
 
     worker_id: int
     backlog: int = 1024
@@ -55,10 +55,10 @@ def serve(
 ) -> None:
     """Serve `app` on every socket in `listen_fds` until SIGTERM or SIGINT.
 
-    `on_shutdown` is called once, in the loop, when the stop signal arrives;
-    granian then stops accepting and finishes the requests in flight, and this
-    function returns when all of them are done. granian sets no deadline on
-    that drain: the master kills a worker that takes longer than its own.
+    `on_shutdown` is called once, in the loop, when the stop signal arrives.
+    granian then stops accepting and finishes the requests in flight, and
+    this function returns when all of them are done. granian sets no deadline
+    on that drain, so the master kills a worker that takes longer than its own.
     """
     # NOTE: each granian worker takes the receiving end of its WorkerSignal,
     # so one signal per socket; sharing one makes the second worker panic.

@@ -4,10 +4,10 @@
 inherited from the master, builds the gateway, serves until SIGTERM or
 SIGINT, and leaves with `os._exit` so no master code runs in the child.
 
-Exit statuses are a protocol with the master (`nexus.workers.exitcodes`):
-0 after a clean drain, BOOT_ERROR when the worker could not start (a
-config the worker cannot use, a dependency that fails to import), so the
-master stops instead of restarting it in a loop.
+Exit statuses are a protocol with the master (`nexus.workers.exitcodes`).
+A worker exits 0 after a clean drain. It exits BOOT_ERROR when it could not
+start, for example on a config it cannot use or a dependency that fails to
+import, so the master stops instead of restarting it in a loop.
 """
 
 from __future__ import annotations
