@@ -20,6 +20,7 @@ __all__ = [
     "NoHealthyTarget",
     "NoRoute",
     "PayloadTooLarge",
+    "RateLimited",
     "UnsupportedTransferCoding",
     "UpstreamConnectFailed",
     "UpstreamError",
@@ -35,6 +36,11 @@ class GatewayError(Exception):
     status = 500
     kind = "internal_error"
     title = "Internal gateway error"
+
+    # Extra response header fields, such as Retry-After on a 429.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    # The rate-limit policy that refused the request, named in the problem body.
+    policy: str | None = None
 
     def __init__(self, detail: str, *, upstream: str | None = None, target: str | None = None) -> None:
         super().__init__(detail)
@@ -71,6 +77,17 @@ class BodyTimeout(DownstreamError):
     status = 408
     kind = "request_timeout"
     title = "Request body not received in time"
+
+
+class RateLimited(DownstreamError):
+    status = 429
+    kind = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, policy: str, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(detail)
+        self.policy = policy
+        self.headers = headers
 
 
 class UnsupportedTransferCoding(DownstreamError):
@@ -115,6 +132,7 @@ class _Problem(msgspec.Struct, omit_defaults=True):
     detail: str
     request_id: str | None = None
     upstream: str | None = None
+    policy: str | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -133,5 +151,6 @@ def problem_body(error: GatewayError, request_id: str | None) -> bytes:
         detail=error.detail,
         request_id=request_id,
         upstream=error.upstream,
+        policy=error.policy,
     )
     return _encoder.encode(problem)

@@ -1,8 +1,10 @@
 """The ASGI application each worker serves: the request pipeline.
 
 For each downstream request, in order: read the forwarding headers, check
-the body framing and the path, match a route, check the declared body size,
-then forward to the route's upstream (`nexus.proxy`). Any GatewayError
+the body framing and the path, match a route, apply the route's rate limit
+(`nexus.ratelimit`), check the declared body size, then forward to the
+route's upstream (`nexus.proxy`). Every finished request is counted in the
+worker's metric slots (`nexus.telemetry`). Any GatewayError
 raised on the way becomes an `application/problem+json` response. An
 unexpected exception becomes a 500 problem and is logged with its
 traceback, so a bad request never takes the worker down.
@@ -11,6 +13,7 @@ traceback, so a bad request never takes the worker down.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from nexus.body import BodySource, declared_length
@@ -18,8 +21,11 @@ from nexus.config import Config, Route
 from nexus.errors import BadRequest, GatewayError, NoRoute, problem_body
 from nexus.headers import ForwardingContext, TrustedProxies, downstream_response_headers, upstream_request_headers
 from nexus.proxy import ForwardRequest, forward
+from nexus.ratelimit import RouteLimiter
 from nexus.routing import RouteTable, rewrite_path
-from nexus.shm.health import HealthTable
+from nexus.shm.metrics import MetricLayout
+from nexus.shm.state import SharedState
+from nexus.telemetry import NO_ROUTE, RequestMetrics
 from nexus.upstream import UpstreamPool, target_slots
 
 __all__ = ["Gateway"]
@@ -32,14 +38,21 @@ _PROBLEM_TYPE = (b"content-type", b"application/problem+json")
 class Gateway:
     """The request pipeline of one worker, as an ASGI 3 application."""
 
-    def __init__(self, config: Config, health: HealthTable, worker_id: int) -> None:
+    def __init__(self, config: Config, shared: SharedState, layout: MetricLayout, worker_id: int) -> None:
         self.config = config
         self.worker_id = worker_id
         self.routes = RouteTable(config.routes)
         slots = target_slots(config)
         self.pools = {
-            name: UpstreamPool(name, spec, health, slots[name], worker_id) for name, spec in config.upstreams.items()
+            name: UpstreamPool(name, spec, shared.health, slots[name], worker_id)
+            for name, spec in config.upstreams.items()
         }
+        self.limiters = {
+            route.name: RouteLimiter(route, shared.gcra, shared.quotas)
+            for route in config.routes
+            if route.rate_limit is not None
+        }
+        self.metrics = RequestMetrics(shared.metrics.for_worker(worker_id), layout)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.request_id_header = config.request_id_header.lower()
         self.draining = False
@@ -61,6 +74,7 @@ class Gateway:
     async def __call__(self, scope: dict[str, Any], receive, send) -> None:
         if scope["type"] != "http":
             return
+        started_ns = time.monotonic_ns()
         exchange = _Exchange(send)
         try:
             await self._handle(scope, receive, exchange)
@@ -78,6 +92,7 @@ class Gateway:
             await self._send_error(scope, exchange, error)
         finally:
             self.requests_done += 1
+            self.metrics.request(exchange.route, exchange.status, time.monotonic_ns() - started_ns)
 
     async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> None:
         """Run the pipeline for one request, recording its request id in `exchange`."""
@@ -102,6 +117,8 @@ class Gateway:
         # receives, so a percent-encoded "/" cannot reach a route it does not
         # match on the wire.
         route = self._match(scope, forwarded.host, raw_path)
+        exchange.route = route.name
+        limit_headers = self._check_rate_limit(route)
         pool = self.pools[route.upstream]
 
         body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
@@ -112,9 +129,23 @@ class Gateway:
             host=forwarded.host,
             body=body,
             hash_key=_hash_key(pool, scope, forwarded.client_ip),
-            response_headers=exchange.response_headers_builder(self, forwarded.request_id),
+            response_headers=exchange.response_headers_builder(self, forwarded.request_id, limit_headers),
         )
         await forward(pool, request, exchange.send)
+
+    def _check_rate_limit(self, route: Route) -> list[tuple[bytes, bytes]]:
+        """Apply the route's limit; return the header fields to add, or raise RateLimited."""
+        limiter = self.limiters.get(route.name)
+        if limiter is None:
+            return []
+        try:
+            verdict = limiter.check()
+        except GatewayError as refused:
+            self.metrics.rate_limit(refused.policy, "denied")
+            raise
+        for policy, result in verdict.outcomes:
+            self.metrics.rate_limit(policy, result)
+        return verdict.headers
 
     def _match(self, scope: dict[str, Any], host: str | None, path: str) -> Route:
         headers = _header_dict(scope["headers"]) if self._route_needs_headers else {}
@@ -145,7 +176,7 @@ class Gateway:
             # honest way to tell the downstream the body is incomplete.
             raise ConnectionAbortedError(error.detail)
         body = problem_body(error, request_id)
-        headers = [_PROBLEM_TYPE, (b"content-length", str(len(body)).encode())]
+        headers = [_PROBLEM_TYPE, (b"content-length", str(len(body)).encode()), *error.headers]
         if request_id:
             headers.append((self.request_id_header.encode(), request_id.encode()))
         if self.draining or error.status in (400, 408, 413):
@@ -158,21 +189,26 @@ class Gateway:
 class _Exchange:
     """Tracks whether the response head has been sent for one request."""
 
-    __slots__ = ("_send", "started", "request_id")
+    __slots__ = ("_send", "request_id", "route", "started", "status")
 
     def __init__(self, send) -> None:
         self._send = send
         self.started = False
         self.request_id: str | None = None
+        self.route = NO_ROUTE
+        # 500 until a response head is sent: a request that ends without one failed.
+        self.status = 500
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = message["status"]
         await self._send(message)
 
-    def response_headers_builder(self, gateway: Gateway, request_id: str):
+    def response_headers_builder(self, gateway: Gateway, request_id: str, extra: list[tuple[bytes, bytes]]):
         def build(upstream_headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
             headers = downstream_response_headers(upstream_headers, gateway.request_id_header, request_id)
+            headers.extend(extra)
             if gateway.draining:
                 headers.append((b"connection", b"close"))
             return headers

@@ -95,7 +95,7 @@ class TrustedProxies:
     no address.
     """
 
-    __slots__ = ("_networks", "_inspect")
+    __slots__ = ("_inspect", "_networks")
 
     def __init__(self, networks: Sequence[str]) -> None:
         if isinstance(networks, str):

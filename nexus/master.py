@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from nexus.config import Config
 from nexus.health import HealthChecker
 from nexus.listeners import Listener, bind_listeners
-from nexus.shm.health import HealthTable
-from nexus.shm.workers import WorkerState, WorkerTable
+from nexus.shm.state import SharedState
+from nexus.shm.workers import WorkerState
+from nexus.telemetry import build_layout
 from nexus.workers import exitcodes
 from nexus.workers.process import WorkerSpec, run_worker
 
@@ -123,9 +124,14 @@ class Master:
         return self._exit_status
 
     def _create_shared_memory(self) -> None:
-        total_targets = sum(len(upstream.targets) for upstream in self.config.upstreams.values())
-        self.health = HealthTable.create(total_targets)
-        self.worker_table = WorkerTable.create(len(self._slots))
+        self.metric_layout = build_layout(self.config)
+        self.shared = SharedState.create(self.config, len(self._slots), self.metric_layout)
+        self.health = self.shared.health
+        self.worker_table = self.shared.workers
+        log.info(
+            "shared memory created %s",
+            " ".join(f"{name}={size}" for name, size in self.shared.sizes().items()),
+        )
 
     def _install_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -258,8 +264,8 @@ class Master:
             cpu=cpu,
             config=self.config,
             listen_fds=[listener.fileno() for listener in self.listeners],
-            health=self.health,
-            workers=self.worker_table,
+            shared=self.shared,
+            metric_layout=self.metric_layout,
             master_fds=[self._signals.read_fd, self._signals.write_fd] if self._signals else [],
             master_pid=os.getpid(),
         )

@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-__all__ = ["parse_duration", "parse_ratio", "parse_size", "show_value"]
+__all__ = ["parse_duration", "parse_quota", "parse_rate", "parse_ratio", "parse_size", "show_value"]
 
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -30,6 +30,12 @@ _SIZE_UNITS = {
     "GB": 10**9,
     "TB": 10**12,
 }
+
+# Periods of rates and quotas, in seconds. Months and years are left out on
+# purpose: they have no fixed length.
+_PERIODS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+_PER_PERIOD = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*([a-z]+)\s*$")
 
 # A sign is accepted here only so that a negative value gets its own message.
 _NUMBER_WITH_UNIT = re.compile(r"^\s*([-+]?[0-9]+(?:\.[0-9]+)?)\s*([A-Za-z%]*)\s*$")
@@ -108,6 +114,34 @@ def parse_ratio(value: object) -> float:
     if number > 1.0:
         raise ValueError(f"invalid percentage {show_value(value)}: must be between 0% and 100%")
     return number
+
+
+def parse_rate(value: object) -> float:
+    """Parse a rate such as `100/s`, `30/min` or `0.5/s` into requests per second."""
+    count, period = _per_period(value, "rate", "100/s or 30/min")
+    if count == 0:
+        raise ValueError(f"invalid rate {show_value(value)}: must be more than 0")
+    return count / period
+
+
+def parse_quota(value: object) -> tuple[int, int]:
+    """Parse a quota such as `300/min` or `10000/day` into (requests, window seconds)."""
+    count, period = _per_period(value, "quota", "300/min or 10000/day")
+    if count != int(count) or count < 1:
+        raise ValueError(f"invalid quota {show_value(value)}: the count must be a whole number of at least 1")
+    return int(count), period
+
+
+def _per_period(value: object, kind: str, example: str) -> tuple[float, int]:
+    match = _PER_PERIOD.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"invalid {kind} {show_value(value)}: expected a count per period, such as {example}")
+    unit = match.group(2)
+    if unit not in _PERIODS:
+        raise ValueError(
+            f'invalid {kind} {show_value(value)}: unknown period "{unit}": use one of s, min, h, day'
+        )
+    return float(match.group(1)), _PERIODS[unit]
 
 
 def _split(value: object, kind: str, expected: str) -> tuple[float, str]:

@@ -63,6 +63,10 @@ class UpstreamPool:
         self._first_slot = first_slot
         self._ejections = [_Ejection() for _ in self.targets]
         self._worker_id = worker_id
+        # p2c_ewma starts a target with no request latency of its own from the
+        # probes' average in the shared health table, so a new worker does not
+        # treat a slow target and a fast one alike.
+        self._unseeded = [target for target in self.targets] if spec.balance == "p2c_ewma" else []
 
     async def start(self) -> None:
         """Create the HTTP client; must run inside the worker's event loop."""
@@ -101,10 +105,25 @@ class UpstreamPool:
     def choose(self, key: bytes | None, exclude: set[int]) -> TargetState:
         """Pick the target for the next try, or raise NoHealthyTarget."""
         candidates = self.candidates(exclude)
+        if self._unseeded:
+            self._seed_latency()
         if not candidates:
             tried = f" ({len(exclude)} already tried)" if exclude else ""
             raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target{tried}", upstream=self.name)
         return self.targets[self.balancer.pick(candidates, key)]
+
+    def _seed_latency(self) -> None:
+        """Give targets without a latency sample the probes' moving average, once it exists."""
+        waiting = []
+        for target in self._unseeded:
+            if target.ewma_seconds != 0.0:
+                continue
+            probe_us = self._health.latency_ewma_us(self._first_slot + target.index)
+            if probe_us:
+                target.ewma_seconds = probe_us / 1e6
+            else:
+                waiting.append(target)
+        self._unseeded = waiting
 
     def can_retry(self) -> bool:
         """Return whether the retry budget allows one more retry in flight.

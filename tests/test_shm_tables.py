@@ -82,3 +82,76 @@ def test_worker_table_written_by_child_read_by_parent():
     assert table.heartbeat_ns(1) == 999
     assert table.requests(1) == 5
     assert table.state(0) is WorkerState.EMPTY
+
+
+def test_shared_state_handed_to_a_new_process_by_file_descriptor(tmp_path):
+    """A separately started process (not a fork) maps every table from its memfd and sees the same data."""
+    import json
+    import subprocess
+    import sys
+
+    from nexus.config import parse_config
+    from nexus.shm.state import SharedState
+    from nexus.telemetry import build_layout
+
+    config = parse_config(
+        'listen: ["127.0.0.1:0"]\n'
+        "upstreams: {a: {targets: ['http://127.0.0.1:9']}}\n"
+        "routes: [{name: r, upstream: a, rate_limit: {rate: 10/s}}]\n"
+    )
+    layout = build_layout(config)
+    state = SharedState.create(config, 2, layout)
+    state.health.set_up(0, False)
+    state.gcra.acquire(1234, 100_000, 100_000, now_us=5_000_000)
+    state.rings[1].push(7, 8, 9)
+    state.metrics.for_worker(1).inc(layout.counter(("requests", "r", "2xx")), 3)
+    assert state.cache.put(b"GET /a", b"meta", b"body", ttl_us=60_000_000)
+    fds = state.fds()
+
+    (tmp_path / "config.yaml").write_text(
+        'listen: ["127.0.0.1:0"]\n'
+        "upstreams: {a: {targets: ['http://127.0.0.1:9']}}\n"
+        "routes: [{name: r, upstream: a, rate_limit: {rate: 10/s}}]\n"
+    )
+    script = f"""
+import json
+from nexus.config import load_config
+from nexus.shm.state import SharedState
+from nexus.telemetry import build_layout
+layout = build_layout(load_config({str(tmp_path / "config.yaml")!r}))
+state = SharedState.attach({fds!r}, layout)
+print(json.dumps({{
+    "up": state.health.is_up(0),
+    "second_decision": state.gcra.acquire(1234, 100_000, 100_000, now_us=5_000_000).outcome,
+    "ring": state.rings[1].drain(),
+    "requests": state.metrics.total(("requests", "r", "2xx")),
+    "cached": state.cache.get(b"GET /a").body.decode(),
+}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], pass_fds=list(fds.values()), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["up"] is False
+    # Burst 1 was used by this process, so the new process is refused at the same instant.
+    assert seen["second_decision"] == 1
+    assert seen["ring"] == [[7, 8, 9, 0, 0, 0, 0, 0]]
+    assert seen["requests"] == 3
+    assert seen["cached"] == "body"
+    state.close()
+
+
+def test_health_table_keeps_a_probe_latency_average_and_counts():
+    """Successful probes move the average by EWMA_WEIGHT; failures are counted and leave it alone."""
+    from nexus.shm.health import EWMA_WEIGHT
+
+    table = HealthTable.create(1)
+    assert table.latency_ewma_us(0) == 0
+
+    table.record_probe(0, 1, 1, 1000)
+    table.record_probe(0, 2, 2, 2000)
+    table.record_probe(0, -1, 3, 0)
+
+    assert table.latency_ewma_us(0) == round(1000 + EWMA_WEIGHT * (2000 - 1000))
+    assert table.probe_counts(0) == (3, 1)

@@ -17,6 +17,8 @@ from nexus.config.model import (
     Limits,
     Match,
     Route,
+    RouteRateLimit,
+    SharedMemory,
     Target,
     Timeouts,
     Upstream,
@@ -30,6 +32,7 @@ def _validate(config: Config) -> None:
     _check_listen(config.listen)
     _check_workers(config.workers)
     _check_limits(config.limits)
+    _check_shared_memory(config.shared_memory)
     _check_trusted_proxies(config.trusted_proxies)
     _check_request_id_header(config.request_id_header)
     for name, upstream in config.upstreams.items():
@@ -99,6 +102,21 @@ def _check_limits(limits: Limits) -> None:
     # A zero max_body is allowed: it rejects every request that has a body.
     _check_positive("limits.header_timeout", limits.header_timeout)
     _check_positive("limits.body_timeout", limits.body_timeout)
+
+
+def _check_shared_memory(sizes: SharedMemory) -> None:
+    # The limit of the store's record format (lengths are 32-bit fields).
+    largest_object = 1 << 30
+    if not 1 <= sizes.cache_max_object <= largest_object:
+        raise ConfigError(
+            f"shared_memory.cache_max_object: {sizes.cache_max_object} bytes is outside 1 byte to 1GiB"
+        )
+    # A record carries a header of under 64 bytes; the store must fit one largest object.
+    if sizes.cache_size < sizes.cache_max_object + 64:
+        raise ConfigError(
+            f"shared_memory.cache_size: {sizes.cache_size} bytes cannot hold one object of cache_max_object "
+            f"({sizes.cache_max_object} bytes): raise cache_size or lower cache_max_object"
+        )
 
 
 def _check_positive(where: str, seconds: float) -> None:
@@ -303,6 +321,8 @@ def _check_routes(config: Config) -> None:
 
         _check_match(f"{where}.match", route.match)
         _check_rewrites(where, route)
+        if route.rate_limit is not None:
+            _check_route_rate_limit(f"{where}.rate_limit", route.rate_limit)
 
         # With equal conditions the earlier route always wins, so the later one never matches.
         key = _match_key(route.match)
@@ -313,6 +333,29 @@ def _check_routes(config: Config) -> None:
                 "which comes first and always wins: change the conditions or remove one route"
             )
         conditions[key] = i
+
+
+# GCRA keeps times in microseconds: the emission interval must be at least 1 us,
+# and burst x interval must fit the 48-bit time field with room to spare.
+_MAX_RATE = 1_000_000.0
+_MAX_BURST_SECONDS = 1 << 40 >> 20  # about 12 days of burst
+_MAX_QUOTA = (1 << 32) - 1
+
+
+def _check_route_rate_limit(where: str, limit: RouteRateLimit) -> None:
+    if limit.rate is None and limit.quota is None:
+        raise ConfigError(f"{where}: set rate (such as 100/s), quota (such as 300/min), or both")
+    if limit.rate is None and limit.burst != 1:
+        raise ConfigError(f"{where}.burst: a burst applies to a rate: add rate (such as 100/s) or remove burst")
+    if limit.rate is not None and limit.rate > _MAX_RATE:
+        raise ConfigError(f"{where}.rate: {limit.rate:g}/s is above the largest rate, 1000000/s")
+    if limit.rate is not None and limit.burst / limit.rate > _MAX_BURST_SECONDS:
+        raise ConfigError(
+            f"{where}.burst: a burst of {limit.burst} at {limit.rate:g}/s takes more than "
+            f"{_MAX_BURST_SECONDS} seconds to earn: use a quota for long windows"
+        )
+    if limit.quota is not None and limit.quota.requests > _MAX_QUOTA:
+        raise ConfigError(f"{where}.quota: {limit.quota.requests} requests is above the largest quota, {_MAX_QUOTA}")
 
 
 def _check_match(where: str, match: Match) -> None:

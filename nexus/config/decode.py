@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_ori
 import msgspec
 from msgspec.structs import FieldInfo
 
-from nexus.config.model import _UNIT_PARSERS, Config, ConfigError, Duration, Ratio, Size
+from nexus.config.model import _UNIT_PARSERS, Config, ConfigError, Duration, Quota, Rate, Ratio, Size
 from nexus.units import show_value
 
 
@@ -18,7 +18,8 @@ def _decode_units(type_: type, value: Any) -> Any:
     parser = _UNIT_PARSERS.get(type_)
     if parser is None:
         raise NotImplementedError(type_)
-    return type_(parser(value))
+    parsed = parser(value)
+    return parsed if isinstance(parsed, type_) else type_(parsed)
 
 
 def _convert(raw: dict[Any, Any]) -> Config:
@@ -153,7 +154,7 @@ def _describe_problem(problem: str, value: Any, type_: Any, where: _KeyPath, fie
     unknown = _UNKNOWN_FIELD.match(problem)
     if unknown:
         return _unknown_key_message(_narrow(type_, value), unknown["field"], where)
-    if _strip_meta(type_)[0] in _UNIT_PARSERS:
+    if value is not None and _unit_type(type_) is not None:
         # The unit parsers' messages already show the value and an example.
         return f"{where.path}: {problem}"
 
@@ -164,6 +165,15 @@ def _describe_problem(problem: str, value: Any, type_: Any, where: _KeyPath, fie
     if isinstance(value, (list, dict)):
         return f"{where.path}: expected {expected}, found {_kind_of(value)}"
     return f"{where.path}: invalid value {show_value(value)}: expected {expected}"
+
+
+def _unit_type(type_: Any) -> type | None:
+    """Return the unit type (Duration, Rate, ...) that `type_` is, or is optionally."""
+    base = _strip_meta(type_)[0]
+    if _is_union(base):
+        members = [member for member in get_args(base) if member is not type(None)]
+        base = members[0] if len(members) == 1 else None
+    return base if base in _UNIT_PARSERS else None
 
 
 def _unknown_key_message(struct: type[msgspec.Struct], key: object, where: _KeyPath) -> str:
@@ -215,6 +225,8 @@ _UNIT_DESCRIPTIONS = {
     Duration: ("a duration such as 2s or 250ms", "durations"),
     Size: ("a size such as 10MiB", "sizes"),
     Ratio: ("a percentage such as 20%", "percentages"),
+    Rate: ("a rate such as 100/s or 30/min", "rates"),
+    Quota: ("a quota such as 300/min or 10000/day", "quotas"),
 }
 
 _SCALAR_DESCRIPTIONS = {

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from nexus.units import parse_duration, parse_ratio, parse_size
+from nexus.units import parse_duration, parse_quota, parse_rate, parse_ratio, parse_size
 
 
 class ConfigError(Exception):
@@ -29,7 +29,40 @@ class Ratio(float):
     """A fraction in 0..1, written in YAML as `20%`."""
 
 
-_UNIT_PARSERS = {Duration: parse_duration, Size: parse_size, Ratio: parse_ratio}
+class Rate(float):
+    """Requests per second, written in YAML as `100/s` or `30/min`."""
+
+
+class Quota:
+    """A number of requests per window, written in YAML as `300/min` or `10000/day`."""
+
+    __slots__ = ("requests", "window")
+
+    def __init__(self, requests: int, window: int) -> None:
+        self.requests = requests
+        self.window = window  # seconds
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Quota) and (self.requests, self.window) == (other.requests, other.window)
+
+    def __hash__(self) -> int:
+        return hash((self.requests, self.window))
+
+    def __repr__(self) -> str:
+        return f"Quota({self.requests}, {self.window})"
+
+
+def _parse_quota(value: object) -> Quota:
+    return Quota(*parse_quota(value))
+
+
+_UNIT_PARSERS = {
+    Duration: parse_duration,
+    Size: parse_size,
+    Ratio: parse_ratio,
+    Rate: parse_rate,
+    Quota: _parse_quota,
+}
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 
@@ -114,6 +147,15 @@ class Match(_Section):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class RouteRateLimit(_Section):
+    """One limit for a whole route, shared by all its clients and all workers."""
+
+    rate: Rate | None = None
+    burst: PositiveInt = 1
+    quota: Quota | None = None
+    dry_run: bool = False
+
+
 class Route(_Section):
     """A rule that sends matching requests to one upstream."""
 
@@ -122,6 +164,7 @@ class Route(_Section):
     match: Match = msgspec.field(default_factory=Match)
     strip_prefix: str | None = None
     add_prefix: str | None = None
+    rate_limit: RouteRateLimit | None = None
 
 
 class Limits(_Section):
@@ -130,6 +173,16 @@ class Limits(_Section):
     max_body: Size = Size(10 * 1024 * 1024)
     header_timeout: Duration = Duration(10.0)
     body_timeout: Duration = Duration(30.0)
+
+
+class SharedMemory(_Section):
+    """Sizes of the node's shared-memory tables, fixed when the master starts."""
+
+    rate_limit_keys: Annotated[int, msgspec.Meta(ge=1, le=1 << 26)] = 65536
+    event_ring_records: Annotated[int, msgspec.Meta(ge=64, le=1 << 22)] = 16384
+    cache_size: Size = Size(64 * 1024 * 1024)
+    cache_entries: Annotated[int, msgspec.Meta(ge=1, le=1 << 26)] = 65536
+    cache_max_object: Size = Size(1024 * 1024)
 
 
 class Config(_Section):
@@ -143,6 +196,7 @@ class Config(_Section):
     request_id_header: str = "x-request-id"
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)
+    shared_memory: SharedMemory = msgspec.field(default_factory=SharedMemory)
 
     def worker_count(self) -> int:
         """Return the number of workers: one per usable CPU for `auto`."""

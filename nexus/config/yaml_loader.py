@@ -53,7 +53,7 @@ _Yaml12Loader.add_implicit_resolver(
 def _parse_yaml(text: bytes | str, source: str) -> dict[Any, Any]:
     """Parse YAML into plain Python values, with the line and column of any syntax error."""
     try:
-        raw = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.MarkedYAMLError as exc:
         where = _describe_mark(exc.problem_mark)
         raise ConfigError(f"{source}: invalid YAML{where}: {_yaml_problem(exc)}") from None

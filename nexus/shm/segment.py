@@ -11,12 +11,17 @@ Layout of the header, in 64-bit words:
     1  kind    which table this is (a short ASCII tag, for example b"health")
     2  layout  version of that table's layout; bumped on any change
     3  size    total size in bytes, header included
+    4-7        the table's geometry (slot counts, capacities), so a process
+               that receives only the file descriptor can map the table
 Payload words follow from byte 64, so every table starts cache-line aligned.
 
-Reads and writes of single words go through `memoryview.cast("Q")`, which
-compiles to one aligned 8-byte load or store on x86-64 and aarch64, so a
-reader in another process never sees half of a word. `struct.pack_into` is
-not safe for this: CPython clears the target before writing it.
+Atomic access goes through `region`, a `nexus.shm._native.Region` over the
+mapping (acquire loads, release stores, compare-and-swap, fetch-add, robust
+locks). Plain reads and writes of single words may also use `words`, a
+`memoryview.cast("Q")`, which compiles to one aligned 8-byte load or store on
+x86-64 and aarch64, so a reader in another process never sees half of a
+word. `struct.pack_into` is not safe for this: CPython clears the target
+before writing it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from __future__ import annotations
 import mmap
 import os
 
+from nexus.shm._native import Region
+
 __all__ = ["HEADER_BYTES", "Segment", "SegmentError", "SlotTable"]
 
 MAGIC = int.from_bytes(b"NEXUSSHM", "little")
 HEADER_BYTES = 64
+GEOMETRY_WORDS = 4
 
 
 class SegmentError(Exception):
@@ -47,10 +55,16 @@ class Segment:
         self.fd = fd
         self.mapping = mapping
         self.words = memoryview(mapping).cast("Q")
+        self.region = Region(mapping)
 
     @classmethod
-    def create(cls, kind: bytes, layout: int, payload_bytes: int) -> Segment:
-        """Create a zeroed segment for `payload_bytes` of table data."""
+    def create(cls, kind: bytes, layout: int, payload_bytes: int, geometry: tuple[int, ...] = ()) -> Segment:
+        """Create a zeroed segment for `payload_bytes` of table data.
+
+        `geometry` (up to four integers) is stored in the header for `attach`.
+        """
+        if len(geometry) > GEOMETRY_WORDS:
+            raise ValueError(f"a segment header holds {GEOMETRY_WORDS} geometry words, got {len(geometry)}")
         size = HEADER_BYTES + _round_up(payload_bytes, 64)
         fd = os.memfd_create(f"nexus-{kind.decode()}", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
@@ -60,6 +74,8 @@ class Segment:
         segment.words[1] = _tag(kind)
         segment.words[2] = layout
         segment.words[3] = size
+        for index, value in enumerate(geometry):
+            segment.words[4 + index] = value
         segment.words[0] = MAGIC
         return segment
 
@@ -93,9 +109,15 @@ class Segment:
     def payload_offset_words(self) -> int:
         return HEADER_BYTES // 8
 
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """The geometry words given to `create`, zero where none was given."""
+        return tuple(self.words[4 : 4 + GEOMETRY_WORDS])
+
     def close(self) -> None:
         """Release this process's mapping and file descriptor."""
         self.words.release()
+        self.region.release()
         self.mapping.close()
         os.close(self.fd)
 
@@ -124,9 +146,11 @@ class SlotTable:
     @classmethod
     def create(cls, slots: int):
         """Create a zeroed table of `slots` slots in a new segment."""
-        return cls(Segment.create(cls.KIND, cls.LAYOUT, max(slots, 1) * cls.SLOT_WORDS * 8), slots)
+        segment = Segment.create(cls.KIND, cls.LAYOUT, max(slots, 1) * cls.SLOT_WORDS * 8, geometry=(slots,))
+        return cls(segment, slots)
 
     @classmethod
-    def attach(cls, fd: int, slots: int):
-        """Map the table in the segment `fd`, checking its kind and layout."""
-        return cls(Segment.attach(fd, cls.KIND, cls.LAYOUT), slots)
+    def attach(cls, fd: int):
+        """Map the table in the segment `fd`, checking its kind and layout; the slot count is in its header."""
+        segment = Segment.attach(fd, cls.KIND, cls.LAYOUT)
+        return cls(segment, segment.geometry[0])

@@ -24,8 +24,9 @@ import uvloop
 
 from nexus.config import Config
 from nexus.gateway import Gateway
-from nexus.shm.health import HealthTable
-from nexus.shm.workers import WorkerState, WorkerTable
+from nexus.shm.metrics import MetricLayout
+from nexus.shm.state import SharedState
+from nexus.shm.workers import WorkerState
 from nexus.workers import exitcodes
 from nexus.workers.granian_server import ServerSettings, serve
 
@@ -49,8 +50,8 @@ class WorkerSpec:
     cpu: int | None
     config: Config
     listen_fds: list[int]
-    health: HealthTable
-    workers: WorkerTable
+    shared: SharedState
+    metric_layout: MetricLayout
     master_fds: list[int]
     master_pid: int
 
@@ -85,17 +86,17 @@ def _run(spec: WorkerSpec) -> int:
     )
 
     def on_shutdown() -> None:
-        spec.workers.set_state(spec.slot, WorkerState.DRAINING)
+        spec.shared.workers.set_state(spec.slot, WorkerState.DRAINING)
         gateway.begin_drain()
         log.info("worker draining worker=%d pid=%d", spec.slot, pid)
 
-    spec.workers.set_state(spec.slot, WorkerState.SERVING)
+    spec.shared.workers.set_state(spec.slot, WorkerState.SERVING)
     log.info("worker serving worker=%d pid=%d cpu=%s generation=%d", spec.slot, pid, spec.cpu, spec.generation)
     serve(gateway, spec.listen_fds, settings, loop, on_shutdown)
 
     heartbeat.stop()
     loop.run_until_complete(gateway.shutdown())
-    spec.workers.set_state(spec.slot, WorkerState.EXITED)
+    spec.shared.workers.set_state(spec.slot, WorkerState.EXITED)
     log.info("worker stopped worker=%d pid=%d requests=%d", spec.slot, pid, gateway.requests_done)
     return exitcodes.OK
 
@@ -132,7 +133,7 @@ def _boot(spec: WorkerSpec) -> tuple[asyncio.AbstractEventLoop, Gateway]:
     """Create the event loop and the gateway, and open upstream clients."""
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    gateway = Gateway(spec.config, spec.health, spec.slot)
+    gateway = Gateway(spec.config, spec.shared, spec.metric_layout, spec.slot)
     loop.run_until_complete(gateway.startup())
     return loop, gateway
 
@@ -161,11 +162,11 @@ class _Heartbeat:
             # if it was lost, so an orphan drains within a second.
             log.warning("master is gone, stopping worker=%d pid=%d", self._spec.slot, os.getpid())
             os.kill(os.getpid(), signal.SIGTERM)
-        self._spec.workers.beat(self._spec.slot, time.monotonic_ns())
+        self._spec.shared.workers.beat(self._spec.slot, time.monotonic_ns())
         self._flush()
         self._handle = self._loop.call_later(HEARTBEAT_INTERVAL, self._beat)
 
     def _flush(self) -> None:
         done = self._gateway.requests_done
-        self._spec.workers.add_requests(self._spec.slot, done - self._reported)
+        self._spec.shared.workers.add_requests(self._spec.slot, done - self._reported)
         self._reported = done

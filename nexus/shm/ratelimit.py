@@ -1,0 +1,154 @@
+"""Shared rate-limit tables: GCRA for rates with bursts, sliding windows for quotas.
+
+Each table is one segment whose payload is laid out by
+`nexus/shm/native/ratelimit.c` (read its header comment for the word-level
+layout and the concurrency argument). In short: one slot per key, found by
+open addressing on the key's 64-bit xxhash; a decision is one
+compare-and-swap on the key's state word, so a limit holds exactly across
+every worker of a node, and a process killed mid-decision leaves nothing
+to repair. Slots of idle keys are taken over by new keys. When no slot can
+be found (the table is full within the probe limit) the decision fails
+open, which is counted and exported, because refusing traffic for lack of
+table space would turn a sizing mistake into an outage.
+
+Geometry in the segment header: word 4 = slot count (a power of two).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import xxhash
+
+from nexus.shm import _native
+from nexus.shm.segment import HEADER_BYTES, Segment
+
+__all__ = ["Decision", "GcraTable", "Outcome", "QuotaTable", "TableUsage", "key_hash"]
+
+# A table is sized so that it is at most half full at its nominal key count:
+# linear probing stays short, and idle slots are there to be reclaimed.
+_LOAD_FACTOR = 2
+_MIN_SLOTS = 64
+_CONTROL_BYTES = 64
+
+
+class Outcome(enum.IntEnum):
+    """What a table decided; the values are the codes the C functions return."""
+
+    ALLOWED = 0
+    DENIED = 1
+    FAILED_OPEN = 2
+
+
+class Decision(NamedTuple):
+    """One decision: `wait_us` is the time until the key is fully replenished
+    (GCRA) or its window ends (quota) when allowed, and the time after which
+    the same request would be allowed when denied."""
+
+    outcome: int
+    remaining: int
+    wait_us: int
+
+
+class TableUsage(NamedTuple):
+    """Occupancy and counters of one table, for metrics."""
+
+    slots: int
+    occupied: int
+    failed_open: int
+    reclaimed: int
+    inserted: int
+
+
+def key_hash(*parts: str | bytes) -> int:
+    """Hash the parts of a rate-limit key (policy name, client id, ...) to 64 bits.
+
+    Parts are joined with a 0 byte so ("ab", "c") and ("a", "bc") differ.
+    """
+    encoded = [part.encode() if isinstance(part, str) else part for part in parts]
+    return xxhash.xxh3_64_intdigest(b"\0".join(encoded))
+
+
+def _slots_for(keys: int) -> int:
+    wanted = max(keys * _LOAD_FACTOR, _MIN_SLOTS)
+    return 1 << (wanted - 1).bit_length()
+
+
+class _KeyedTable:
+    """A segment holding one rate-limit table of `slots` slots."""
+
+    KIND = b""
+    LAYOUT = 1
+    SLOT_WORDS = 2
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.slots = segment.geometry[0]
+        self._region = segment.region
+        self._offset = HEADER_BYTES
+
+    @classmethod
+    def create(cls, keys: int):
+        """Create a table for about `keys` concurrently active keys."""
+        if keys < 1:
+            raise ValueError(f"a rate-limit table needs room for at least 1 key, got {keys}")
+        slots = _slots_for(keys)
+        payload = _CONTROL_BYTES + slots * cls.SLOT_WORDS * 8
+        return cls(Segment.create(cls.KIND, cls.LAYOUT, payload, geometry=(slots,)))
+
+    @classmethod
+    def attach(cls, fd: int):
+        """Map the table in segment `fd`, checking its kind and layout version."""
+        return cls(Segment.attach(fd, cls.KIND, cls.LAYOUT))
+
+    def usage(self) -> TableUsage:
+        occupied, failed_open, reclaimed, inserted = _native.table_usage(
+            self._region, self._offset, self.slots, self.SLOT_WORDS
+        )
+        return TableUsage(self.slots, occupied, failed_open, reclaimed, inserted)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.segment.mapping)
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+class GcraTable(_KeyedTable):
+    """Generic cell rate algorithm: `rate` per second with bursts up to `burst`.
+
+    Admitted requests for one key never exceed burst + rate x elapsed time,
+    however many processes decide at once.
+    """
+
+    KIND = b"gcra"
+    SLOT_WORDS = 2
+
+    def acquire(self, key: int, interval_us: int, limit_us: int, cost: int = 1, now_us: int = 0) -> Decision:
+        """Decide one request of `cost` for the hashed `key`.
+
+        `interval_us` is 1e6 / rate and `limit_us` is burst x interval_us.
+        `now_us` is CLOCK_MONOTONIC in microseconds; 0 reads the clock.
+        """
+        return Decision(*_native.gcra_acquire(self._region, self._offset, self.slots, key, interval_us, limit_us, cost, now_us))
+
+
+class QuotaTable(_KeyedTable):
+    """Sliding-window counters for quotas of `limit` per window.
+
+    The estimate weighs the previous window's count by the share of it that
+    still overlaps the sliding window. Windows are aligned to wall-clock
+    time (CLOCK_REALTIME), so nodes agree on where a window starts.
+    """
+
+    KIND = b"quota"
+    SLOT_WORDS = 4
+
+    def acquire(self, key: int, window_us: int, limit: int, cost: int = 1, now_us: int = 0) -> Decision:
+        """Decide one request of `cost` against `limit` per `window_us`.
+
+        `now_us` is CLOCK_REALTIME in microseconds; 0 reads the clock.
+        """
+        return Decision(*_native.quota_acquire(self._region, self._offset, self.slots, key, window_us, limit, cost, now_us))

@@ -1,0 +1,18 @@
+"""Build the shared-memory extension; the rest of the metadata is in pyproject.toml."""
+
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+NATIVE = Path("nexus/shm/native")
+
+setup(
+    ext_modules=[
+        Extension(
+            "nexus.shm._native",
+            sources=sorted(str(path) for path in NATIVE.glob("*.c")),
+            depends=sorted(str(path) for path in NATIVE.glob("*.h")),
+            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+        )
+    ],
+)
