@@ -20,7 +20,7 @@ from typing import Protocol
 
 import xxhash
 
-__all__ = ["Balancer", "TargetState", "make_balancer", "BALANCER_KINDS", "MAGLEV_TABLE_SIZE"]
+__all__ = ["BALANCER_KINDS", "MAGLEV_TABLE_SIZE", "Balancer", "TargetState", "make_balancer"]
 
 BALANCER_KINDS = ("round_robin", "least_request", "p2c_ewma", "maglev")
 
@@ -161,8 +161,8 @@ class _SmoothRoundRobin:
     Each target has a score: how far it lags behind its share, in units of
     1/W of a pick, where W is the candidates' total weight. A pick adds each
     candidate's weight to its score and takes W from the chosen target's
-    score, so the scores always sum to 0. With a fixed candidate set, every
-    W picks give each target exactly its weight.
+    score, so the candidates' scores keep their sum. With a fixed candidate
+    set, every W picks give each target exactly its weight.
 
     nginx's smooth round robin picks the highest score. Here, as in
     worst-case fair weighted fair queueing (WF2Q), only targets that are not
@@ -171,26 +171,55 @@ class _SmoothRoundRobin:
     index wins a tie. This spreads the light targets apart. For weights 5,1,1
     the cycle is a b a a c a a, so a runs at most 3 times, counting across
     cycles, where highest-score-first gives a a b a c a a and runs of 4.
+
+    Every pick first checks two invariants on the candidates' scores: they
+    sum to 0, and each lies in weight - W .. W - 1. A fixed candidate set that
+    starts from zero scores keeps both, so the check changes nothing there
+    (checked by simulation over random weights, not proven here).
+    A change of the candidate set or of a weight can break them, and then
+    `_rebase` restores them. The sum of 0 guarantees an eligible target. With
+    two or more candidates, the upper bound caps a run of target h at
+    ceil(W / (W - weight_h)) picks, because each pick of h lowers its score by
+    W - weight_h and h needs a score >= 0 to be picked. That holds only if no
+    rebase makes h eligible again during the run, so a rebase raises the
+    target picked last at most to its lower bound, which is below 0.
     """
 
     def __init__(self, targets: Sequence[TargetState]) -> None:
         self._targets = targets
         self._scores = [0] * len(targets)
+        self._last_pick = -1
 
     def pick(self, candidates: Sequence[int], key: bytes | None = None) -> int:
         _validate_candidates(candidates, len(self._targets))
         targets = self._targets
-        scores = self._scores
         weights = [targets[index].weight for index in candidates]
         total = sum(weights)
 
+        best = self._select(candidates, weights, total)
+        if best < 0:
+            self._rebase(candidates, weights, total)
+            best = self._select(candidates, weights, total)
+
+        scores = self._scores
+        for index, weight in zip(candidates, weights):
+            scores[index] += weight
+        scores[best] -= total
+        self._last_pick = best
+        return best
+
+    def _select(self, candidates: Sequence[int], weights: Sequence[int], total: int) -> int:
+        """Return the eligible candidate that falls due first, or -1 if the scores break an invariant."""
+        scores = self._scores
+        score_sum = 0
         best = -1
         best_due = 0
         best_weight = 1
         for index, weight in zip(candidates, weights):
             score = scores[index]
             if score >= total or score < weight - total:
-                score = self._clamp_score(index, weight, total)
+                return -1
+            score_sum += score
             if score < 0:
                 continue
             # (total - score) / weight < best_due / best_weight, in integers.
@@ -200,29 +229,99 @@ class _SmoothRoundRobin:
                 best_due = due
                 best_weight = weight
 
-        if best < 0:
-            # Only after the candidate set changed can every score be
-            # negative. Fall back to the highest score.
-            best = max(candidates, key=scores.__getitem__)
-
-        for index, weight in zip(candidates, weights):
-            scores[index] += weight
-        scores[best] -= total
+        # A sum of 0 means some score is >= 0, so best is a candidate.
+        if score_sum != 0:
+            return -1
         return best
 
-    def _clamp_score(self, index: int, weight: int, total: int) -> int:
-        """Clamp the target's score to -(total - weight)..total - 1 and return it.
+    def _rebase(self, candidates: Sequence[int], weights: Sequence[int], total: int) -> None:
+        """Clamp the candidates' scores to weight - total .. total - 1 and shift them to sum to 0.
 
-        With a fixed candidate set and weights, scores stay in that range, so
-        clamping changes nothing (the property test of exact shares checks
-        this for random weights). A score carried over from another candidate
-        set or weight can be outside it. Clamping keeps that target within
-        about one pick of its share, so it cannot take or skip a burst of
-        picks. Scores of targets that are not candidates stay as they were.
+        Scores carried over from another candidate set or weight can be out
+        of that range, and the candidates' sum is off by the scores of the
+        targets that joined or left. The shift moves every score in
+        proportion to its weight, which moves every due time by the same
+        amount and so keeps their order, apart from rounding. A score that
+        would pass its bound stops there, and the rest goes to the first
+        candidates by index that have room. Scores of targets that are not
+        candidates stay as they were.
         """
-        score = min(max(self._scores[index], weight - total), total - 1)
-        self._scores[index] = score
-        return score
+        scores = self._scores
+        last_pick = self._last_pick
+        last_pick_weight = 0
+        score_sum = 0
+        for index, weight in zip(candidates, weights):
+            score = scores[index]
+            if score >= total:
+                score = scores[index] = total - 1
+            elif score < weight - total:
+                score = scores[index] = weight - total
+            score_sum += score
+            if index == last_pick:
+                last_pick_weight = weight
+
+        if score_sum > 0:
+            self._lower_scores(candidates, weights, total, score_sum)
+        elif score_sum < 0:
+            # A single candidate's range is 0 .. weight - 1, so here there
+            # are at least two candidates. Raising the target picked last
+            # could lengthen its run, so it gets no share. The others have
+            # room, because raising all of them to total - 1 gives a sum >= 0.
+            self._raise_scores(candidates, weights, total, -score_sum, last_pick, total - last_pick_weight)
+
+    def _lower_scores(self, candidates: Sequence[int], weights: Sequence[int], total: int, amount: int) -> None:
+        """Take `amount` from the candidates' scores, in proportion to weight, down to weight - total at most."""
+        scores = self._scores
+        remaining = amount
+        for index, weight in zip(candidates, weights):
+            moved = amount * weight // total
+            room = scores[index] - (weight - total)
+            moved = min(moved, room)
+            scores[index] -= moved
+            remaining -= moved
+
+        for index, weight in zip(candidates, weights):
+            if remaining == 0:
+                return
+            room = scores[index] - (weight - total)
+            moved = min(room, remaining)
+            scores[index] -= moved
+            remaining -= moved
+
+    def _raise_scores(
+        self,
+        candidates: Sequence[int],
+        weights: Sequence[int],
+        total: int,
+        amount: int,
+        excluded: int,
+        shared_weight: int,
+    ) -> None:
+        """Add `amount` to the scores of the candidates other than `excluded`, up to total - 1 at most.
+
+        Each gets a share in proportion to its weight, and `shared_weight` is
+        the sum of their weights.
+        """
+        scores = self._scores
+        remaining = amount
+        for index, weight in zip(candidates, weights):
+            if index == excluded:
+                continue
+            moved = amount * weight // shared_weight
+            room = total - 1 - scores[index]
+            moved = min(moved, room)
+            scores[index] += moved
+            remaining -= moved
+
+        for index in candidates:
+            if remaining == 0:
+                return
+            if index == excluded:
+                continue
+            room = total - 1 - scores[index]
+            moved = min(room, remaining)
+            scores[index] += moved
+            remaining -= moved
 
 
 class _LeastRequest:

@@ -50,7 +50,7 @@ class Ring:
 
     def drain(self, limit: int | None = None) -> list[tuple[int, ...]]:
         """Consume up to `limit` records (all pending ones by default), oldest first."""
-        raw = _native.ring_drain(self._region, self._offset, self.capacity, limit or self.capacity)
+        raw = _native.ring_drain(self._region, self._offset, self.capacity, self.capacity if limit is None else limit)
         if not raw:
             return []
         words = memoryview(raw).cast("Q")

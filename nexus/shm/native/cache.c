@@ -145,7 +145,9 @@ static int open_cache(PyObject *arg, struct cache *c)
                 && words[W_WAYS] == WAYS
                 && capacity % 8 == 0 && capacity <= size
                 && max_object < (1ull << 32)
-                && RECORD_HEADER_BYTES + max_object + 7 <= capacity
+                /* The largest record, rounded up to 8 bytes as record_bytes()
+                 * rounds it, must fit. create() and attach() check the same bound. */
+                && ((RECORD_HEADER_BYTES + max_object + 7) & ~7ull) <= capacity
                 && words[W_INDEX_OFFSET] == INDEX_OFFSET
                 && words[W_REFS_OFFSET] == INDEX_OFFSET + sets * WAYS * ENTRY_WORDS * 8
                 && words[W_ARENA_OFFSET] == round_up_64(words[W_REFS_OFFSET] + sets * WAYS)
@@ -627,8 +629,8 @@ static void write_padding(const struct cache *c, uint64_t head)
     uint64_t offset = head % c->capacity;
     if (c->capacity - offset >= RECORD_HEADER_BYTES) {
         uint64_t *pad = (uint64_t *)(c->arena + offset);
-        pad[R_MAGIC] = PAD_MAGIC;
-        pad[R_BYTES] = c->capacity - offset;
+        nx_store_relaxed(&pad[R_MAGIC], PAD_MAGIC);
+        nx_store_relaxed(&pad[R_BYTES], c->capacity - offset);
     }
 }
 
@@ -817,17 +819,19 @@ static void put_locked(const struct cache *c, const struct put_request *request)
 
     /* Write the record past head, where no entry points (a reader still
      * holding an older position there fails its sequence check), then move
-     * head over it. */
+     * head over it. Such a reader loads the header words with single atomic
+     * loads, so they are stored the same way: a plain store is a data race
+     * that the compiler may split. */
     uint64_t head = nx_load_relaxed(&c->words[W_HEAD]);
     uint64_t *record = record_at(c, head);
     char *data = (char *)record + RECORD_HEADER_BYTES;
-    record[R_MAGIC] = RECORD_MAGIC;
-    record[R_BYTES] = bytes;
-    record[R_HASH] = request->hash;
-    record[R_LENGTHS] = request->key.size | (request->meta.size << 32);
-    record[R_BODY_LENGTH] = request->body.size;
-    record[R_STORED_AT] = now;
-    record[R_EXPIRES_AT] = now + request->ttl_us;
+    nx_store_relaxed(&record[R_MAGIC], RECORD_MAGIC);
+    nx_store_relaxed(&record[R_BYTES], bytes);
+    nx_store_relaxed(&record[R_HASH], request->hash);
+    nx_store_relaxed(&record[R_LENGTHS], request->key.size | (request->meta.size << 32));
+    nx_store_relaxed(&record[R_BODY_LENGTH], request->body.size);
+    nx_store_relaxed(&record[R_STORED_AT], now);
+    nx_store_relaxed(&record[R_EXPIRES_AT], now + request->ttl_us);
     memcpy(data, request->key.data, request->key.size);
     data += request->key.size;
     memcpy(data, request->meta.data, request->meta.size);

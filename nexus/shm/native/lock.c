@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -16,9 +17,75 @@
  * reads /proc (about 10 us), so it is done rarely while the holder is busy. */
 #define CHECK_EVERY 64
 
+/* Thread ids fit in 22 bits (the kernel's PID_MAX_LIMIT is 2^22); the 42
+ * bits above hold the low bits of the thread's start time, so an id that
+ * the kernel reused for a new thread does not pass for the old holder. */
+#define TID_BITS 22
+#define TID_MASK ((UINT64_C(1) << TID_BITS) - 1)
+#define START_MASK ((UINT64_C(1) << (64 - TID_BITS)) - 1)
+
+/* Read /proc/<tid>/stat: return 0 if the thread is gone or a zombie, else 1
+ * with its start time (clock ticks after boot) in *start. */
+static int read_task(uint64_t tid, uint64_t *start)
+{
+    char path[64];
+    char text[1024];
+
+    /* /proc/<tid>/stat exists for every thread, leader or not, even though
+     * only leaders are listed in /proc. A SIGKILLed process stays as a zombie
+     * until its parent reaps it, and a zombie holds nothing. */
+    snprintf(path, sizeof path, "/proc/%llu/stat", (unsigned long long)tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT || errno == ESRCH ? 0 : 1;
+    ssize_t got = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (got <= 0)
+        return 0;
+    text[got] = '\0';
+
+    /* The state letter follows the command name, which is in parentheses
+     * and may itself contain ')'. The start time is field 22 of the line,
+     * the 20th after the state. */
+    char *end = strrchr(text, ')');
+    if (end == NULL || end[1] == '\0' || end[2] == '\0')
+        return 1;
+    char state = end[2];
+    if (state == 'Z' || state == 'X' || state == 'x')
+        return 0;
+    char *field = end + 2;
+    for (int skip = 0; skip < 19 && field != NULL; skip++) {
+        field = strchr(field, ' ');
+        if (field != NULL)
+            field++;
+    }
+    *start = field != NULL ? strtoull(field, NULL, 10) : 0;
+    return 1;
+}
+
 uint64_t nx_thread_id(void)
 {
-    return (uint64_t)syscall(SYS_gettid);
+    /* Cached per thread, and recomputed after fork, when the id changes. */
+    static __thread uint64_t cached_tid;
+    static __thread uint64_t cached_identity;
+    uint64_t tid = (uint64_t)syscall(SYS_gettid);
+    if (tid != cached_tid) {
+        uint64_t start = 0;
+        read_task(tid, &start);
+        cached_tid = tid;
+        cached_identity = tid | ((start & START_MASK) << TID_BITS);
+    }
+    return cached_identity;
+}
+
+int nx_task_alive(uint64_t identity)
+{
+    uint64_t start = 0;
+    if (!read_task(identity & TID_MASK, &start))
+        return 0;
+    /* An identity without a start time (a bare thread id) checks existence only. */
+    uint64_t expected = identity >> TID_BITS;
+    return expected == 0 || expected == (start & START_MASK);
 }
 
 static uint64_t clock_us(clockid_t clock)
@@ -36,33 +103,6 @@ uint64_t nx_monotonic_us(void)
 uint64_t nx_realtime_us(void)
 {
     return clock_us(CLOCK_REALTIME);
-}
-
-int nx_task_alive(uint64_t tid)
-{
-    char path[64];
-    char text[512];
-
-    /* /proc/<tid>/stat exists for every thread, leader or not, even though
-     * only leaders are listed in /proc. A SIGKILLed process stays as a zombie
-     * until its parent reaps it, and a zombie holds nothing. */
-    snprintf(path, sizeof path, "/proc/%llu/stat", (unsigned long long)tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return errno == ENOENT || errno == ESRCH ? 0 : 1;
-    ssize_t got = read(fd, text, sizeof text - 1);
-    close(fd);
-    if (got <= 0)
-        return 0;
-    text[got] = '\0';
-
-    /* The state letter follows the command name, which is in parentheses
-     * and may itself contain ')'. */
-    char *end = strrchr(text, ')');
-    if (end == NULL || end[1] == '\0' || end[2] == '\0')
-        return 1;
-    char state = end[2];
-    return state != 'Z' && state != 'X' && state != 'x';
 }
 
 static void back_off(unsigned attempt)

@@ -1,6 +1,8 @@
 /* A lock word in shared memory that survives a killed holder.
  *
- * The word holds 0 when free, or the Linux thread id of its holder. A waiter
+ * The word holds 0 when free, or the identity of its holder: its Linux
+ * thread id with the low bits of the thread's start time above it, so a
+ * thread id reused by the kernel never passes for a dead holder. A waiter
  * that has spun for a while checks whether the holder still exists (a zombie
  * counts as dead) and, if not, takes the lock over with a compare-and-swap.
  * The caller learns that it recovered the lock and repairs whatever the dead
@@ -25,9 +27,11 @@ enum nx_lock_result nx_lock_acquire(uint64_t *word, uint64_t timeout_us);
 
 void nx_lock_release(uint64_t *word);
 
-/* True if the thread id `tid` names a thread that is alive and not a zombie. */
-int nx_task_alive(uint64_t tid);
+/* True if `identity` (from nx_thread_id, or a bare thread id) names a
+ * thread that is alive, not a zombie, and started when the identity says. */
+int nx_task_alive(uint64_t identity);
 
+/* The calling thread's identity, as stored in a held lock word. */
 uint64_t nx_thread_id(void);
 
 /* CLOCK_MONOTONIC and CLOCK_REALTIME in microseconds. */

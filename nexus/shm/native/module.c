@@ -277,8 +277,8 @@ static PyObject *task_alive(PyObject *module, PyObject *arg)
 static PyMethodDef module_methods[] = {
     {"monotonic_us", monotonic_us, METH_NOARGS, "CLOCK_MONOTONIC in microseconds (the clock of GCRA state)."},
     {"realtime_us", realtime_us, METH_NOARGS, "CLOCK_REALTIME in microseconds (the clock of quota windows)."},
-    {"thread_id", thread_id, METH_NOARGS, "Linux thread id of the caller (what a lock word holds)."},
-    {"task_alive", task_alive, METH_O, "task_alive(tid) -> bool: the thread exists and is not a zombie."},
+    {"thread_id", thread_id, METH_NOARGS, "The caller's lock identity: Linux thread id in bits 0-21, start-time bits above (what a held lock word holds)."},
+    {"task_alive", task_alive, METH_O, "task_alive(identity) -> bool: the thread exists, is not a zombie and, if the identity has start-time bits, started then."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,10 @@
 
 #define CONTROL_BYTES 64
 #define MAX_PROBE 64
-#define INSERT_LOCK_TIMEOUT_US 2000
+/* Inserting holds the lock for well under a microsecond, but its holder can
+ * be preempted; 20 ms covers a few scheduler time slices before the insert
+ * gives up and the decision fails open. */
+#define INSERT_LOCK_TIMEOUT_US 20000
 /* An idle GCRA key is reclaimable once its TAT is this far in the past; any
  * TAT before now already means "full burst available", so this only keeps
  * slots from changing hands too eagerly. */
@@ -49,6 +52,8 @@
 #define WINDOW_MASK UINT64_C(0xFFFFF)
 #define COUNT_MASK UINT64_C(0xFFFFFFFF)
 #define PREVIOUS_MASK ((UINT64_C(1) << 44) - 1)
+/* Window numbers wrap at 2^20; a difference in the upper half is negative. */
+#define HALF_WINDOWS (WINDOW_MASK >> 1)
 
 enum decision { ALLOWED = 0, DENIED = 1, FAILED_OPEN = 2, NOT_MINE = 3 };
 
@@ -68,7 +73,8 @@ typedef struct {
 /* ---- shared probing -------------------------------------------------- */
 
 typedef int (*decide_fn)(uint64_t *slot, uint64_t tag, const void *request, Outcome *out);
-typedef int (*reclaimable_fn)(uint64_t *slot, const void *request);
+/* Return whether the slot's key is idle; store the state word checked in *seen. */
+typedef int (*reclaimable_fn)(uint64_t *slot, const void *request, uint64_t *seen);
 typedef void (*claim_fn)(uint64_t *slot, uint64_t tag, const void *request);
 
 typedef struct {
@@ -132,14 +138,17 @@ static int insert_and_decide(const Table *table, const Kind *kind, uint64_t key,
     }
 
     uint64_t *claimed = NULL;
+    uint64_t seen = 0;
     for (uint64_t probe = 0; probe < MAX_PROBE && probe <= table->mask && claimed == NULL; probe++) {
         uint64_t *slot = slot_at(table, key + probe);
         uint64_t found = nx_load(&slot[0]);
         if (found == 0) {
             kind->take(slot, nx_load(&slot[1]), tag, request);
             claimed = slot;
-        } else if (kind->reclaimable(slot, request)) {
-            if (kind->take(slot, nx_load(&slot[1]), tag, request)) {
+        } else if (kind->reclaimable(slot, request, &seen)) {
+            /* Take over from exactly the state judged idle: if the old key
+             * was admitted in between, the compare-and-swap fails. */
+            if (kind->take(slot, seen, tag, request)) {
                 nx_fetch_add(&table->control[2], 1);
                 claimed = slot;
             }
@@ -195,7 +204,9 @@ static int gcra_decide(uint64_t *slot, uint64_t tag, const void *raw, Outcome *o
         if (ahead > request->limit_us) {
             out->code = DENIED;
             out->remaining = 0;
-            out->wait_us = ahead - request->limit_us;
+            /* A cost above the burst never fits, however long one waits. */
+            out->wait_us = request->cost * request->interval_us > request->limit_us ? UINT64_MAX
+                                                                                      : ahead - request->limit_us;
             return DENIED;
         }
         if (nx_cas(&slot[1], &state, (tag << TAT_BITS) | (next & TAT_MASK))) {
@@ -207,11 +218,11 @@ static int gcra_decide(uint64_t *slot, uint64_t tag, const void *raw, Outcome *o
     }
 }
 
-static int gcra_reclaimable(uint64_t *slot, const void *raw)
+static int gcra_reclaimable(uint64_t *slot, const void *raw, uint64_t *seen)
 {
     const GcraRequest *request = raw;
-    uint64_t tat = nx_load(&slot[1]) & TAT_MASK;
-    return tat + GCRA_RECLAIM_AFTER_US < request->now_us;
+    *seen = nx_load(&slot[1]);
+    return (*seen & TAT_MASK) + GCRA_RECLAIM_AFTER_US < request->now_us;
 }
 
 static int gcra_take(uint64_t *slot, uint64_t seen, uint64_t tag, const void *raw)
@@ -246,7 +257,7 @@ static void publish_previous(uint64_t *word, uint64_t window, uint64_t count)
         uint64_t age = (window - seen_window) & WINDOW_MASK;
         if (seen != 0 && age == 0 && (seen & PREVIOUS_MASK) >= count)
             return;
-        if (seen != 0 && age != 0 && age >= (WINDOW_MASK >> 1))
+        if (seen != 0 && age != 0 && age >= HALF_WINDOWS)
             return;  /* the word already holds a newer window */
         if (nx_cas(word, &seen, want))
             return;
@@ -280,17 +291,25 @@ static uint64_t quota_wait(const QuotaRequest *request, uint64_t elapsed, uint64
 static int quota_decide(uint64_t *slot, uint64_t tag, const void *raw, Outcome *out)
 {
     const QuotaRequest *request = raw;
-    uint64_t window = window_of(request);
-    uint64_t elapsed = request->now_us % request->window_us;
     uint64_t state = nx_load(&slot[1]);
 
     for (;;) {
         if ((state >> 52) != tag)
             return NOT_MINE;
+        uint64_t window = window_of(request);
+        uint64_t elapsed = request->now_us % request->window_us;
         uint64_t state_window = (state >> 32) & WINDOW_MASK;
         uint64_t current = state & COUNT_MASK;
         uint64_t previous = 0;
         uint64_t age = (window - state_window) & WINDOW_MASK;
+        if (age >= HALF_WINDOWS) {
+            /* Another process already moved the key to a later window than
+             * this request's clock reading (it read the clock later). Count
+             * the request at the start of that window: the strictest view. */
+            window = state_window;
+            elapsed = 0;
+            age = 0;
+        }
 
         if (age == 0) {
             uint64_t stored = nx_load(&slot[2]);
@@ -326,11 +345,14 @@ static int quota_decide(uint64_t *slot, uint64_t tag, const void *raw, Outcome *
     }
 }
 
-static int quota_reclaimable(uint64_t *slot, const void *raw)
+static int quota_reclaimable(uint64_t *slot, const void *raw, uint64_t *seen)
 {
     const QuotaRequest *request = raw;
-    uint64_t state_window = (nx_load(&slot[1]) >> 32) & WINDOW_MASK;
-    return ((window_of(request) - state_window) & WINDOW_MASK) >= 2;
+    *seen = nx_load(&slot[1]);
+    uint64_t age = (window_of(request) - ((*seen >> 32) & WINDOW_MASK)) & WINDOW_MASK;
+    /* Both counts have expired; an age in the upper half means the slot's
+     * window is ahead of this request's clock, so it is in use. */
+    return age >= 2 && age < HALF_WINDOWS;
 }
 
 static int quota_take(uint64_t *slot, uint64_t seen, uint64_t tag, const void *raw)
