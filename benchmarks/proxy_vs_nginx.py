@@ -285,11 +285,14 @@ def start_nginx(services: Services, name: str, conf: str, port: int, cpu: str | 
     return service
 
 
-def start_nexus(services: Services, upstream_port: int, workers: int) -> Service:
-    conf_path = services.workdir / "nexus.yaml"
-    conf_path.write_text(nexus_config(upstream_port, workers))
+def start_nexus(
+    services: Services, upstream_port: int, workers: int, config_text: str | None = None, name: str = "nexus"
+) -> Service:
+    """Start Nexus on `config_text` (default: one route to the upstream) and wait until every worker serves."""
+    conf_path = services.workdir / f"{name}.yaml"
+    conf_path.write_text(config_text or nexus_config(upstream_port, workers))
     python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
-    service = services.start("nexus", [python, "-m", "nexus", "run", "--config", str(conf_path)], cwd=ROOT)
+    service = services.start(name, [python, "-m", "nexus", "run", "--config", str(conf_path)], cwd=ROOT)
     wait_until(
         lambda: service.log().count("worker serving") >= workers,
         START_TIMEOUT,
@@ -368,8 +371,9 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(url: str, connections: int, duration: float) -> WrkResult:
-    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", url + "/"]
+def run_wrk(url: str, connections: int, duration: float, headers: tuple[str, ...] = ()) -> WrkResult:
+    header_args = [arg for header in headers for arg in ("-H", header)]
+    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", *header_args, url + "/"]
     completed = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
     if completed.returncode != 0:
         raise BenchmarkError(f"{shlex.join(args)} failed with status {completed.returncode}:\n{completed.stderr}")

@@ -3,11 +3,13 @@
 `nexus run` starts the master in the foreground and logs to stderr, as a
 systemd service expects. `nexus check` and `nexusctl check` validate a
 config file without serving and exit non-zero with the error's path and
-value when it is invalid.
+value when it is invalid. `nexusctl key new` and `nexusctl key hash` make
+API keys and the hashes that the config stores in their place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -79,3 +81,37 @@ def nexusctl() -> None:
 
 
 nexusctl.add_command(check)
+
+
+@nexusctl.group()
+def key() -> None:
+    """Make API keys and the hashes the config stores for them."""
+
+
+@key.command("new")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of two lines.")
+def key_new(as_json: bool) -> None:
+    """Make a random API key; print it (give it to the consumer) and its hash (put it in the config)."""
+    from nexus.auth import hash_key, new_key
+
+    value = new_key()
+    if as_json:
+        click.echo(json.dumps({"key": value, "hash": hash_key(value)}))
+        return
+    click.echo(f"key:  {value}")
+    click.echo(f"hash: {hash_key(value)}")
+
+
+@key.command("hash")
+@click.argument("value", required=False)
+def key_hash_command(value: str | None) -> None:
+    """Print the hash of an API key for the config (the key is read from stdin when not given)."""
+    from nexus.auth import hash_key
+
+    if value is None:
+        # Reading from stdin keeps the key out of shell history and process lists.
+        value = sys.stdin.readline().strip()
+    if not value:
+        click.echo("nexusctl: no API key given: pass it as an argument or on standard input", err=True)
+        sys.exit(2)
+    click.echo(hash_key(value))

@@ -21,10 +21,12 @@ __all__ = [
     "NoRoute",
     "PayloadTooLarge",
     "RateLimited",
+    "Unauthorized",
     "UnsupportedTransferCoding",
     "UpstreamConnectFailed",
     "UpstreamError",
     "UpstreamFailed",
+    "UpstreamOverloaded",
     "UpstreamTimeout",
     "problem_body",
 ]
@@ -39,7 +41,7 @@ class GatewayError(Exception):
 
     # Extra response header fields, such as Retry-After on a 429.
     headers: tuple[tuple[bytes, bytes], ...] = ()
-    # The rate-limit policy that refused the request, named in the problem body.
+    # The rate-limit policy that rejected the request, named in the problem body.
     policy: str | None = None
 
     def __init__(self, detail: str, *, upstream: str | None = None, target: str | None = None) -> None:
@@ -77,6 +79,17 @@ class BodyTimeout(DownstreamError):
     status = 408
     kind = "request_timeout"
     title = "Request body not received in time"
+
+
+class Unauthorized(DownstreamError):
+    status = 401
+    kind = "unauthorized"
+    title = "Missing or invalid API key"
+
+    def __init__(self, detail: str, *, challenge: bytes) -> None:
+        super().__init__(detail)
+        # RFC 9110 section 11.6.1: a 401 carries WWW-Authenticate.
+        self.headers = ((b"www-authenticate", challenge),)
 
 
 class RateLimited(DownstreamError):
@@ -117,6 +130,18 @@ class NoHealthyTarget(UpstreamError):
     status = 503
     kind = "no_healthy_target"
     title = "No healthy upstream target"
+
+
+class UpstreamOverloaded(UpstreamError):
+    """The upstream's concurrency limit is reached and the request waited its longest."""
+
+    status = 503
+    kind = "upstream_overloaded"
+    title = "Upstream overloaded"
+
+    def __init__(self, detail: str, *, upstream: str, retry_after: int) -> None:
+        super().__init__(detail, upstream=upstream)
+        self.headers = ((b"retry-after", str(retry_after).encode()),)
 
 
 class UpstreamTimeout(UpstreamError):

@@ -1,7 +1,8 @@
 """The ASGI application each worker serves: the request pipeline.
 
 For each downstream request, in order: read the forwarding headers, check
-the body framing and the path, match a route, apply the route's rate limit
+the body framing and the path, match a route, identify the consumer by its
+API key where the route asks for one (`nexus.auth`), apply the rate limits
 (`nexus.ratelimit`), check the declared body size, then forward to the
 route's upstream (`nexus.proxy`). Every finished request is counted in the
 worker's metric slots (`nexus.telemetry`). Any GatewayError
@@ -16,12 +17,13 @@ import logging
 import time
 from typing import Any
 
+from nexus.auth import ANONYMOUS, Authenticator
 from nexus.body import BodySource, declared_length
 from nexus.config import Config, Route
-from nexus.errors import BadRequest, GatewayError, NoRoute, problem_body
+from nexus.errors import BadRequest, GatewayError, NoRoute, UpstreamOverloaded, problem_body
 from nexus.headers import ForwardingContext, TrustedProxies, downstream_response_headers, upstream_request_headers
 from nexus.proxy import ForwardRequest, forward
-from nexus.ratelimit import RouteLimiter
+from nexus.ratelimit import RequestFacts, RouteLimiter
 from nexus.routing import RouteTable, rewrite_path
 from nexus.shm.metrics import MetricLayout
 from nexus.shm.state import SharedState
@@ -44,14 +46,12 @@ class Gateway:
         self.routes = RouteTable(config.routes)
         slots = target_slots(config)
         self.pools = {
-            name: UpstreamPool(name, spec, shared.health, slots[name], worker_id)
+            name: UpstreamPool(name, spec, shared.health, slots[name], worker_id, shared.concurrency)
             for name, spec in config.upstreams.items()
         }
-        self.limiters = {
-            route.name: RouteLimiter(route, shared.gcra, shared.quotas)
-            for route in config.routes
-            if route.rate_limit is not None
-        }
+        self.auth = Authenticator(config)
+        limiters = (RouteLimiter(route, config, shared.gcra, shared.quotas) for route in config.routes)
+        self.limiters = {limiter.route: limiter for limiter in limiters if limiter.active}
         self.metrics = RequestMetrics(shared.metrics.for_worker(worker_id), layout)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.request_id_header = config.request_id_header.lower()
@@ -118,34 +118,50 @@ class Gateway:
         # match on the wire.
         route = self._match(scope, forwarded.host, raw_path)
         exchange.route = route.name
-        limit_headers = self._check_rate_limit(route)
+        identity = ANONYMOUS
+        headers = forwarded.headers
+        query = scope.get("query_string", b"")
+        if route.auth != "none":
+            identity = self.auth.identify(scope["headers"], query, route.auth)
+            headers = self.auth.upstream_headers(headers, identity)
+        facts = RequestFacts(route.name, identity, forwarded.client_ip, scope["headers"])
+        limit_headers = self._check_rate_limit(route, facts)
         pool = self.pools[route.upstream]
 
         body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
         request = ForwardRequest(
             method=scope["method"],
-            path_and_query=_upstream_path(route, scope, raw_path),
-            headers=forwarded.headers,
+            path_and_query=self._upstream_path(route, scope, raw_path),
+            headers=headers,
             host=forwarded.host,
             body=body,
             hash_key=_hash_key(pool, scope, forwarded.client_ip),
             response_headers=exchange.response_headers_builder(self, forwarded.request_id, limit_headers),
+            tier=identity.tier,
+            priority=identity.priority,
         )
         await forward(pool, request, exchange.send)
 
-    def _check_rate_limit(self, route: Route) -> list[tuple[bytes, bytes]]:
-        """Apply the route's limit; return the header fields to add, or raise RateLimited."""
+    def _check_rate_limit(self, route: Route, facts: RequestFacts) -> list[tuple[bytes, bytes]]:
+        """Apply the limits on this route; return the header fields to add, or raise RateLimited."""
         limiter = self.limiters.get(route.name)
         if limiter is None:
             return []
         try:
-            verdict = limiter.check()
-        except GatewayError as refused:
-            self.metrics.rate_limit(refused.policy, "denied")
+            verdict = limiter.check(facts)
+        except GatewayError as rejected:
+            self.metrics.rate_limit(route.name, rejected.policy, "denied")
             raise
         for policy, result in verdict.outcomes:
-            self.metrics.rate_limit(policy, result)
+            self.metrics.rate_limit(route.name, policy, result)
         return verdict.headers
+
+    def _upstream_path(self, route: Route, scope: dict[str, Any], raw_path: str) -> str:
+        path = rewrite_path(route, raw_path)
+        query = scope.get("query_string", b"").decode("latin-1")
+        if route.auth != "none":
+            query = self.auth.upstream_query(query)
+        return f"{path}?{query}" if query else path
 
     def _match(self, scope: dict[str, Any], host: str | None, path: str) -> Route:
         headers = _header_dict(scope["headers"]) if self._route_needs_headers else {}
@@ -157,7 +173,9 @@ class Gateway:
     async def _send_error(self, scope: dict[str, Any], exchange: _Exchange, error: GatewayError) -> None:
         """Log a failed request and send its problem response, or cut the connection if too late."""
         request_id = exchange.request_id
-        level = logging.WARNING if error.status >= 500 else logging.DEBUG
+        # A shed request is the limiter doing its job, and a spike sheds
+        # thousands; the limiter logs a summary itself.
+        level = logging.WARNING if error.status >= 500 and not isinstance(error, UpstreamOverloaded) else logging.DEBUG
         log.log(
             level,
             "request failed worker=%d request_id=%s method=%s path=%s status=%d kind=%s upstream=%s target=%s detail=%s",
@@ -229,12 +247,6 @@ def _check_path(path: str) -> None:
 def _raw_path(scope: dict[str, Any]) -> str:
     raw_path = scope.get("raw_path")
     return raw_path.decode("latin-1") if raw_path else scope["path"]
-
-
-def _upstream_path(route: Route, scope: dict[str, Any], raw_path: str) -> str:
-    path = rewrite_path(route, raw_path)
-    query = scope.get("query_string", b"")
-    return f"{path}?{query.decode('latin-1')}" if query else path
 
 
 def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 The master binds the listening sockets, creates the shared-memory tables,
 forks one worker per slot (pinned to a CPU) and runs the active health
-checks. Then it loops. Each pass waits for a signal or a timeout, handles
+checks and, with `redis:` configured, the rate-limit sync thread
+(`nexus.redis_sync`). Then it loops. Each pass waits for a signal or a timeout, handles
 queued signals, reaps exited workers, kills workers whose heartbeat stopped
 and starts workers for empty slots. Signal handlers only queue the signal
 and wake the loop, so all work and all logging happen in the loop.
@@ -19,12 +20,14 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
 from nexus.config import Config
 from nexus.health import HealthChecker
 from nexus.listeners import Listener, bind_listeners
+from nexus.redis_sync import RedisSync
 from nexus.shm.state import SharedState
 from nexus.shm.workers import WorkerState
 from nexus.telemetry import build_layout
@@ -95,6 +98,7 @@ class Master:
         self._cpus = sorted(os.sched_getaffinity(0))
         self._signals: _Signals | None = None
         self.health_checker: HealthChecker | None = None
+        self.redis_sync: RedisSync | None = None
         self._exit_status = 0
 
     def run(self) -> int:
@@ -111,6 +115,9 @@ class Master:
         self._create_shared_memory()
         self.health_checker = HealthChecker(self.config, self.health)
         self.health_checker.start()
+        if self.config.redis is not None:
+            self.redis_sync = RedisSync(self.config.redis, self.shared.gcra, self.shared.quotas, self._node_id())
+            self.redis_sync.start()
         log.info(
             "master started pid=%d workers=%d generation=%d", os.getpid(), len(self._slots), self.generation
         )
@@ -132,6 +139,14 @@ class Master:
             "shared memory created %s",
             " ".join(f"{name}={size}" for name, size in self.shared.sizes().items()),
         )
+
+    def _node_id(self) -> str:
+        """Return the configured node id, else hostname:port of the first listener."""
+        assert self.config.redis is not None
+        if self.config.redis.node_id:
+            return self.config.redis.node_id
+        port = self.listeners[0].address.rsplit(":", 1)[1]
+        return f"{socket.gethostname()}:{port}"
 
     def _install_signals(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -192,6 +207,9 @@ class Master:
                 continue
             del self.workers[worker.slot]
             self.worker_table.set_state(worker.slot, WorkerState.EXITED)
+            # Give back the upstream slots the worker held, before its
+            # replacement starts (which may be seconds away in a crash loop).
+            self.shared.concurrency.reclaim_worker(worker.slot)
             self._on_exit(worker, status)
 
     def _find(self, pid: int) -> _Worker | None:
@@ -299,6 +317,8 @@ class Master:
                 time.sleep(0.01)
         if self.health_checker is not None:
             self.health_checker.stop()
+        if self.redis_sync is not None:
+            self.redis_sync.stop()
         for listener in self.listeners:
             listener.sock.close()
         log.info("master stopped pid=%d status=%d", os.getpid(), self._exit_status)

@@ -13,6 +13,13 @@ the chosen response to the downstream. The rules:
 - The response body is streamed with ASGI `send`, which waits while
   granian's buffer for the connection is full, so a slow downstream reader
   pauses the upstream read instead of growing the worker's memory.
+- When the upstream has a concurrency limit (`nexus.concurrency`), every
+  try, a retry too, takes a slot before its target is chosen and gives it
+  back when its response body is finished or the try fails. The try's RTT sample is the time
+  to the response headers (or to the header timeout), so a slow downstream
+  reader does not lower the limit. A request that gets no slot ends with
+  UpstreamOverloaded, except a retry after a connect failure, a timeout or
+  a reset, which ends with that error, as when the retry budget is spent.
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ from pyreqwest.exceptions import ConnectError, ConnectTimeoutError, ReadError, R
 
 from nexus.balance import TargetState
 from nexus.body import BUFFER_LIMIT, BodySource
+from nexus.concurrency import Permit
 from nexus.errors import (
     GatewayError,
     NoHealthyTarget,
     UpstreamConnectFailed,
     UpstreamError,
     UpstreamFailed,
+    UpstreamOverloaded,
     UpstreamTimeout,
 )
 from nexus.upstream import UpstreamPool
@@ -60,6 +69,10 @@ class ForwardRequest:
     body: BodySource
     hash_key: bytes | None
     response_headers: Callable[[list[tuple[str, str]]], list[tuple[bytes, bytes]]]
+    # The consumer's tier and its priority (0 for anonymous requests), for
+    # shedding lower tiers first when the upstream's concurrency limit is reached.
+    tier: str | None = None
+    priority: int = 0
 
 
 class _RetryableFailure(Exception):
@@ -90,9 +103,16 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + spec.timeouts.total):
             last_failure: _RetryableFailure | None = None
             while True:
-                target = _choose_next(pool, request, tried, last_failure)
-                tried.add(target.index)
-                outcome = await _try_counted(pool, target, request, payload, send, deadline, tried, replayable)
+                permit = None if pool.limiter is None else await _acquire_slot(pool, request, last_failure)
+                try:
+                    target = _choose_next(pool, request, tried, last_failure)
+                    tried.add(target.index)
+                    outcome = await _try_counted(
+                        pool, target, request, payload, send, deadline, tried, replayable, permit
+                    )
+                finally:
+                    if permit is not None:
+                        permit.release()
                 if isinstance(outcome, ForwardResult):
                     return outcome
                 failure = outcome
@@ -113,6 +133,20 @@ async def forward(pool: UpstreamPool, request: ForwardRequest, send: Send) -> Fo
         ) from None
     finally:
         pool.in_flight -= 1
+
+
+async def _acquire_slot(pool: UpstreamPool, request: ForwardRequest, last_failure: _RetryableFailure | None) -> Permit:
+    """Take a slot of the upstream's concurrency limit for the next try."""
+    assert pool.limiter is not None
+    try:
+        return await pool.limiter.acquire(request.priority, request.tier)
+    except UpstreamOverloaded:
+        # A retry after a retryable status has no error of its own to end
+        # with, because that response was dropped: it ends overloaded.
+        if last_failure is None or last_failure.error is None:
+            raise
+        log.info("not retrying upstream=%s: no concurrency slot free for the retry", pool.name)
+        raise last_failure.error from None
 
 
 def _choose_next(
@@ -136,6 +170,7 @@ async def _try_counted(
     deadline: float,
     tried: set[int],
     replayable: bool,
+    permit: Permit | None,
 ) -> ForwardResult | _RetryableFailure:
     """Run one try, counting it against the retry budget if it is a retry."""
     is_retry = len(tried) > 1
@@ -143,7 +178,7 @@ async def _try_counted(
         pool.retries_in_flight += 1
     try:
         may_retry_status = _may_retry_status(pool, request, tried, replayable)
-        status = await _try_once(pool, target, request, payload, send, deadline, may_retry_status)
+        status = await _try_once(pool, target, request, payload, send, deadline, may_retry_status, permit)
         return ForwardResult(status, target.url, len(tried))
     except _RetryableFailure as failure:
         return failure
@@ -199,6 +234,7 @@ async def _try_once(
     send: Send,
     deadline: float,
     may_retry_status: bool,
+    permit: Permit | None,
 ) -> int:
     """Make one try against `target`; send the response unless it is to be retried."""
     assert pool.client is not None
@@ -215,8 +251,11 @@ async def _try_once(
     started = time.monotonic()
     try:
         header_timeout = min(pool.spec.timeouts.response_header, max(deadline - started, 0.0))
-        async with _open_response(pool, target, builder, request, header_timeout) as response:
-            target.record_latency(time.monotonic() - started, time.monotonic())
+        async with _open_response(pool, target, builder, request, header_timeout, permit) as response:
+            now = time.monotonic()
+            target.record_latency(now - started, now)
+            if permit is not None:
+                permit.sample(now - started)
             status = response.status
             if may_retry_status and status in pool.spec.retries.on:
                 pool.record_failure(target, f"status {status}")
@@ -245,18 +284,32 @@ def _record_status(pool: UpstreamPool, target: TargetState, status: int) -> None
 class _open_response:
     """Async context: the upstream response, with errors mapped to tries' outcomes."""
 
-    def __init__(self, pool: UpstreamPool, target: TargetState, builder, request: ForwardRequest, timeout: float) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        target: TargetState,
+        builder,
+        request: ForwardRequest,
+        timeout: float,
+        permit: Permit | None,
+    ) -> None:
         self._pool = pool
         self._target = target
         self._stream = builder.build_streamed()
         self._request = request
         self._timeout = timeout
+        self._permit = permit
 
     async def __aenter__(self):
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._stream.__aenter__()
         except TimeoutError:
+            if self._permit is not None and self._timeout >= self._pool.spec.timeouts.response_header:
+                # No headers within the full header timeout: the RTT was at
+                # least that long. A timeout cut short by the total deadline
+                # is no measure of the upstream, so it is not a sample.
+                self._permit.sample(self._timeout)
             self._fail("timeout")
             raise _RetryableFailure(
                 "timeout",

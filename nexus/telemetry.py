@@ -2,7 +2,7 @@
 
 `build_layout(config)` fixes a word in the shared metric slots for every
 counter and histogram the workers update, with only bounded labels: route,
-status class, rate-limit policy and result. The master builds it before
+status class, rate-limit policy and result (never a consumer or client). The master builds it before
 forking, so every worker and the master agree on the indexes. Workers count
 through `RequestMetrics`, which turns names into precomputed indexes once.
 """
@@ -10,6 +10,7 @@ through `RequestMetrics`, which turns names into precomputed indexes once.
 from __future__ import annotations
 
 from nexus.config import Config
+from nexus.ratelimit import route_limit_names
 from nexus.shm.metrics import MetricLayout, WorkerMetrics
 
 __all__ = [
@@ -19,7 +20,6 @@ __all__ = [
     "STATUS_CLASSES",
     "RequestMetrics",
     "build_layout",
-    "policy_names",
 ]
 
 # The label for requests that matched no route.
@@ -37,28 +37,16 @@ DURATION_BOUNDS_NS = tuple(
 )
 
 
-def policy_names(config: Config) -> list[str]:
-    """Names of every rate-limit policy in the config, as the limiter names them."""
-    names = []
-    for route in config.routes:
-        if route.rate_limit is None:
-            continue
-        if route.rate_limit.rate is not None:
-            names.append(f"{route.name}.rate")
-        if route.rate_limit.quota is not None:
-            names.append(f"{route.name}.quota")
-    return names
-
-
 def build_layout(config: Config) -> MetricLayout:
     layout = MetricLayout()
     for route in [NO_ROUTE, *(route.name for route in config.routes)]:
         for status_class in STATUS_CLASSES:
             layout.counter(("requests", route, status_class))
         layout.histogram(("duration", route), DURATION_BOUNDS_NS)
-    for policy in policy_names(config):
-        for result in RATE_LIMIT_RESULTS:
-            layout.counter(("ratelimit", policy, result))
+    for route in config.routes:
+        for policy in route_limit_names(route, config):
+            for result in RATE_LIMIT_RESULTS:
+                layout.counter(("ratelimit", route.name, policy, result))
     return layout
 
 
@@ -69,15 +57,13 @@ class RequestMetrics:
         self._metrics = metrics
         self._requests = {
             route: [layout.counters[("requests", route, status_class)] for status_class in STATUS_CLASSES]
-            for (kind, route, _status) in layout.counters
+            for (kind, route, *_rest) in layout.counters
             if kind == "requests"
         }
         self._durations = {
             key[1]: histogram.index for key, histogram in layout.histograms.items() if key[0] == "duration"
         }
-        self._limits = {
-            (key[1], key[2]): index for key, index in layout.counters.items() if key[0] == "ratelimit"
-        }
+        self._limits = {key[1:]: index for key, index in layout.counters.items() if key[0] == "ratelimit"}
 
     def request(self, route: str, status: int, duration_ns: int) -> None:
         counters = self._requests.get(route) or self._requests[NO_ROUTE]
@@ -86,7 +72,7 @@ class RequestMetrics:
         index = self._durations.get(route, self._durations[NO_ROUTE])
         self._metrics.observe_at(index, DURATION_BOUNDS_NS, duration_ns)
 
-    def rate_limit(self, policy: str, result: str) -> None:
-        index = self._limits.get((policy, result))
+    def rate_limit(self, route: str, policy: str, result: str) -> None:
+        index = self._limits.get((route, policy, result))
         if index is not None:
             self._metrics.inc(index)

@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-__all__ = ["parse_duration", "parse_quota", "parse_rate", "parse_ratio", "parse_size", "show_value"]
+__all__ = ["MONTH", "parse_duration", "parse_quota", "parse_rate", "parse_ratio", "parse_size", "show_value"]
 
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -31,9 +31,11 @@ _SIZE_UNITS = {
     "TB": 10**12,
 }
 
-# Periods of rates and quotas, in seconds. Months and years are left out on
-# purpose: they have no fixed length.
-_PERIODS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+# Periods of rates and quotas, in seconds. A month has no fixed length: a
+# quota per month counts calendar months, and MONTH (30 days) stands for one
+# where a length is needed. Rates per month are not accepted.
+MONTH = 30 * 86400
+_PERIODS = {"s": 1, "min": 60, "h": 3600, "day": 86400}
 
 _PER_PERIOD = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*([a-z]+)\s*$")
 
@@ -120,27 +122,31 @@ def parse_rate(value: object) -> float:
     """Parse a rate such as `100/s`, `30/min` or `0.5/s` into requests per second."""
     count, period = _per_period(value, "rate", "100/s or 30/min")
     if count == 0:
-        raise ValueError(f"invalid rate {show_value(value)}: must be more than 0")
+        raise ValueError(f"invalid rate {show_value(value)}: must be more than 0, such as 1/s")
     return count / period
 
 
 def parse_quota(value: object) -> tuple[int, int]:
-    """Parse a quota such as `300/min` or `10000/day` into (requests, window seconds)."""
-    count, period = _per_period(value, "quota", "300/min or 10000/day")
+    """Parse a quota such as `300/min`, `10000/day` or `1000000/month` into (requests, window seconds).
+
+    A month comes back as MONTH seconds; the caller treats it as a calendar month.
+    """
+    count, period = _per_period(value, "quota", "300/min or 10000/day", months=True)
     if count != int(count) or count < 1:
         raise ValueError(f"invalid quota {show_value(value)}: the count must be a whole number of at least 1")
     return int(count), period
 
 
-def _per_period(value: object, kind: str, example: str) -> tuple[float, int]:
+def _per_period(value: object, kind: str, example: str, months: bool = False) -> tuple[float, int]:
     match = _PER_PERIOD.match(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(f"invalid {kind} {show_value(value)}: expected a count per period, such as {example}")
     unit = match.group(2)
+    if months and unit == "month":
+        return float(match.group(1)), MONTH
     if unit not in _PERIODS:
-        raise ValueError(
-            f'invalid {kind} {show_value(value)}: unknown period "{unit}": use one of s, min, h, day'
-        )
+        choices = "s, min, h, day, month" if months else "s, min, h, day"
+        raise ValueError(f'invalid {kind} {show_value(value)}: unknown period "{unit}": use one of {choices}')
     return float(match.group(1)), _PERIODS[unit]
 
 

@@ -4,8 +4,9 @@ A worker has one UpstreamPool per configured upstream. The pool decides
 which target gets a try: a target must be up in the shared health table
 (written by the master's active checks) and not ejected by this worker's
 passive checks; the balancer picks among those. The pool also owns the
-upstream HTTP client and the retry budget. Sending requests is
-`nexus.proxy`'s job.
+upstream HTTP client, the retry budget and, for an upstream with a
+`concurrency` section, the worker's side of its adaptive concurrency limit
+(`nexus.concurrency`). Sending requests is `nexus.proxy`'s job.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from datetime import timedelta
 from pyreqwest.client import Client, ClientBuilder
 
 from nexus.balance import TargetState, make_balancer
+from nexus.concurrency import ConcurrencyLimiter
 from nexus.config import Config, Upstream
 from nexus.errors import NoHealthyTarget
+from nexus.shm.concurrency import ConcurrencyTable
 from nexus.shm.health import HealthTable
 
 __all__ = ["UpstreamPool", "target_slots"]
@@ -48,7 +51,15 @@ class _Ejection:
 class UpstreamPool:
     """The targets of one upstream, with the state one worker keeps about them."""
 
-    def __init__(self, name: str, spec: Upstream, health: HealthTable, first_slot: int, worker_id: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: Upstream,
+        health: HealthTable,
+        first_slot: int,
+        worker_id: int,
+        concurrency: ConcurrencyTable | None = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.targets = [
@@ -66,7 +77,31 @@ class UpstreamPool:
         # p2c_ewma starts a target with no request latency of its own from the
         # probes' average in the shared health table, so a new worker does not
         # treat a slow target and a fast one alike.
-        self._unseeded = [target for target in self.targets] if spec.balance == "p2c_ewma" else []
+        self._unseeded = list(self.targets) if spec.balance == "p2c_ewma" else []
+        self.limiter = self._make_limiter(concurrency) if spec.concurrency is not None else None
+
+    def _make_limiter(self, table: ConcurrencyTable | None) -> ConcurrencyLimiter:
+        """Create this worker's limiter and reclaim the slots that a dead predecessor in its slot left taken.
+
+        Runs in the worker process of slot `worker_id`, which the master
+        forks only after reaping the slot's previous process.
+        """
+        assert self.spec.concurrency is not None
+        if table is None:
+            raise RuntimeError(
+                f"upstream {self.name!r} has a concurrency limit but no shared concurrency table: "
+                "pass SharedState.concurrency to UpstreamPool"
+            )
+        index = table.index_of(self.name)
+        reclaimed = table.reclaim(index, self._worker_id)
+        if reclaimed:
+            log.warning(
+                "reclaimed concurrency slots left by a previous worker worker=%d upstream=%s slots=%d",
+                self._worker_id,
+                self.name,
+                reclaimed,
+            )
+        return ConcurrencyLimiter(table, index, self._worker_id, self.spec.concurrency, self.name)
 
     async def start(self) -> None:
         """Create the HTTP client; must run inside the worker's event loop."""

@@ -227,13 +227,13 @@ BAD_CONFIGS = [
     pytest.param(
         "bogus: 1",
         "bogus: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
-        "request_id_header, upstreams, routes, shared_memory",
+        "request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory",
         id="unknown-top-level-key",
     ),
     pytest.param(
         "upstream: {}",
         "upstream: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
-        'request_id_header, upstreams, routes, shared_memory (did you mean "upstreams"?)',
+        'request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory (did you mean "upstreams"?)',
         id="unknown-key-close-match",
     ),
     pytest.param(
@@ -244,7 +244,7 @@ BAD_CONFIGS = [
     pytest.param(
         "1: 2",
         "1: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
-        "request_id_header, upstreams, routes, shared_memory",
+        "request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory",
         id="top-level-int-key",
     ),
     pytest.param(

@@ -466,7 +466,7 @@ def test_gcra_reclaim_race_keeps_admission():
     def slot_index(key: int) -> int:
         """Return the index of the slot that contains `key`, or the key's home index if none does."""
         for index in range(slots):
-            if region.load(slots_at + 16 * index) == key:
+            if region.load(slots_at + 8 * GcraTable.SLOT_WORDS * index) == key:
                 return index
         return key & (slots - 1)
 
@@ -708,8 +708,9 @@ class SlidingWindowModel:
             earliest = self.earliest_allowed(now_us, cost)
             return Decision(Outcome.DENIED, 0, NEVER if earliest is None else earliest - now_us)
         self.counts[window] = self.counts.get(window, 0) + cost
+        # The whole quota is back when this window's count has slid out, at the end of the next window.
         return Decision(
-            Outcome.ALLOWED, (self.limit * self.window_us - scaled) // self.window_us, self.window_us - elapsed
+            Outcome.ALLOWED, (self.limit * self.window_us - scaled) // self.window_us, 2 * self.window_us - elapsed
         )
 
 
@@ -960,16 +961,16 @@ def test_attach_wrong_kind_raises():
 
 
 def test_attach_newer_layout_raises():
-    """A segment whose header carries layout version 2 is rejected by a reader of version 1, and vice versa."""
+    """A segment whose header carries layout version 3 is rejected by a reader of version 2, and vice versa."""
 
-    class GcraTableV2(GcraTable):
-        LAYOUT = 2
+    class GcraTableV3(GcraTable):
+        LAYOUT = 3
 
     table = GcraTable.create(8)
-    with pytest.raises(SegmentError, match=r"layout version 1, this Nexus reads version 2"):
-        GcraTableV2.attach(table.segment.fd)
+    with pytest.raises(SegmentError, match=r"layout version 2, this Nexus reads version 3"):
+        GcraTableV3.attach(table.segment.fd)
 
     # Bump the version word of the header (word 2) in place.
-    table.segment.region.store(16, 2)
-    with pytest.raises(SegmentError, match=r"layout version 2, this Nexus reads version 1"):
+    table.segment.region.store(16, 3)
+    with pytest.raises(SegmentError, match=r"layout version 3, this Nexus reads version 2"):
         GcraTable.attach(table.segment.fd)

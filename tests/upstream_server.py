@@ -7,6 +7,11 @@ which target sent the response. Endpoints:
     /echo...            200, JSON of method, path, query, headers (as a list) and body length
     /status/N           status N with an empty body
     /slow?delay=S       waits S seconds, then 200
+    /capacity?slots=N&delay=S
+                        serves at most N requests at once, each for S seconds; more
+                        wait in the server for a free slot, as in a saturated server
+    /capacity/stats     JSON: requests served by /capacity and the most that were
+                        inside it at once, waiting ones included
     /bytes?n=N          streams N bytes of b"x" in 64 KiB chunks (chunked encoding)
     /upload             reads the body in chunks and returns its length
     /hop                200 with hop-by-hop response headers that a proxy must remove
@@ -19,11 +24,41 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 64 * 1024
+
+
+class Capacity:
+    """The fixed capacity behind /capacity: a semaphore per slot count, and counts."""
+
+    lock = threading.Lock()
+    semaphores: dict[int, threading.Semaphore] = {}
+    inside = 0
+    inside_max = 0
+    served = 0
+
+    @classmethod
+    def serve(cls, slots: int, delay: float) -> None:
+        with cls.lock:
+            semaphore = cls.semaphores.setdefault(slots, threading.Semaphore(slots))
+            cls.inside += 1
+            cls.inside_max = max(cls.inside_max, cls.inside)
+        try:
+            with semaphore:
+                time.sleep(delay)
+        finally:
+            with cls.lock:
+                cls.inside -= 1
+                cls.served += 1
+
+    @classmethod
+    def stats(cls) -> dict[str, int]:
+        with cls.lock:
+            return {"served": cls.served, "inside_max": cls.inside_max}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -53,6 +88,13 @@ class Handler(BaseHTTPRequestHandler):
             self._drain_body()
             time.sleep(float(query.get("delay", ["1"])[0]))
             self._reply(200, b"slow done")
+        elif url.path == "/capacity":
+            self._drain_body()
+            Capacity.serve(int(query.get("slots", ["1"])[0]), float(query.get("delay", ["0.05"])[0]))
+            self._reply(200, b"served")
+        elif url.path == "/capacity/stats":
+            self._drain_body()
+            self._reply(200, json.dumps(Capacity.stats()).encode(), [("Content-Type", "application/json")])
         elif url.path == "/bytes":
             self._drain_body()
             self._stream_bytes(int(query.get("n", ["0"])[0]))
@@ -134,6 +176,9 @@ def main() -> None:
     port, name = int(sys.argv[1]), sys.argv[2]
     Handler.name = name
     Handler.unhealthy_file = sys.argv[3] if len(sys.argv) > 3 else None
+    # The default listen backlog of 5 makes bursts of connections wait for a
+    # SYN retry (about 1 s); tests open dozens at once.
+    ThreadingHTTPServer.request_queue_size = 128
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(f"serving {name} on {server.server_address[1]}", flush=True)

@@ -8,16 +8,17 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from nexus.config.access_checks import check_access, check_redis
 from nexus.config.decode import _key_path
 from nexus.config.model import (
     _METHODS,
+    Concurrency,
     Config,
     ConfigError,
     HealthCheck,
     Limits,
     Match,
     Route,
-    RouteRateLimit,
     SharedMemory,
     Target,
     Timeouts,
@@ -40,6 +41,8 @@ def _validate(config: Config) -> None:
         _check_name(where, "upstream", name)
         _check_upstream(where, upstream)
     _check_routes(config)
+    check_access(config, _check_name, _check_header_name)
+    check_redis(config)
 
 
 def _check_listen(listen: list[str]) -> None:
@@ -177,11 +180,34 @@ def _check_upstream(where: str, upstream: Upstream) -> None:
         _check_health(f"{where}.health", upstream.health)
     _check_positive(f"{where}.passive.eject_for", upstream.passive.eject_for)
     _check_timeouts(f"{where}.timeouts", upstream.timeouts)
+    if upstream.concurrency is not None:
+        _check_concurrency(f"{where}.concurrency", upstream.concurrency)
     for i, condition in enumerate(upstream.retries.on):
         if isinstance(condition, int) and not 500 <= condition <= 599:
             raise ConfigError(
                 f"{where}.retries.on[{i}]: invalid status {condition}: only 5xx statuses can be retried, such as 503"
             )
+
+
+def _check_concurrency(where: str, limits: Concurrency) -> None:
+    if limits.min_limit > limits.max_limit:
+        raise ConfigError(
+            f"{where}.min_limit: {limits.min_limit} is above max_limit ({limits.max_limit}): lower it or raise max_limit"
+        )
+    if not limits.min_limit <= limits.initial_limit <= limits.max_limit:
+        raise ConfigError(
+            f"{where}.initial_limit: {limits.initial_limit} is outside min_limit..max_limit "
+            f"({limits.min_limit}..{limits.max_limit})"
+        )
+    _check_positive(f"{where}.max_queue_wait", limits.max_queue_wait)
+    _check_positive(f"{where}.overloaded_queue_wait", limits.overloaded_queue_wait)
+    if limits.overloaded_queue_wait > limits.max_queue_wait:
+        raise ConfigError(
+            f"{where}.overloaded_queue_wait: {_show_seconds(limits.overloaded_queue_wait)} is longer than "
+            f"max_queue_wait ({_show_seconds(limits.max_queue_wait)}): under overload requests must wait less, not more"
+        )
+    if limits.critical_reserve >= 1.0:
+        raise ConfigError(f"{where}.critical_reserve: 100% would leave nothing for other tiers: use less, such as 20%")
 
 
 def _check_targets(where: str, targets: list[Target]) -> None:
@@ -321,8 +347,6 @@ def _check_routes(config: Config) -> None:
 
         _check_match(f"{where}.match", route.match)
         _check_rewrites(where, route)
-        if route.rate_limit is not None:
-            _check_route_rate_limit(f"{where}.rate_limit", route.rate_limit)
 
         # With equal conditions the earlier route always wins, so the later one never matches.
         key = _match_key(route.match)
@@ -333,29 +357,6 @@ def _check_routes(config: Config) -> None:
                 "which comes first and always wins: change the conditions or remove one route"
             )
         conditions[key] = i
-
-
-# GCRA keeps times in microseconds: the emission interval must be at least 1 us,
-# and burst x interval must fit the 48-bit time field with room to spare.
-_MAX_RATE = 1_000_000.0
-_MAX_BURST_SECONDS = 1 << 40 >> 20  # about 12 days of burst
-_MAX_QUOTA = (1 << 32) - 1
-
-
-def _check_route_rate_limit(where: str, limit: RouteRateLimit) -> None:
-    if limit.rate is None and limit.quota is None:
-        raise ConfigError(f"{where}: set rate (such as 100/s), quota (such as 300/min), or both")
-    if limit.rate is None and limit.burst != 1:
-        raise ConfigError(f"{where}.burst: a burst applies to a rate: add rate (such as 100/s) or remove burst")
-    if limit.rate is not None and limit.rate > _MAX_RATE:
-        raise ConfigError(f"{where}.rate: {limit.rate:g}/s is above the largest rate, 1000000/s")
-    if limit.rate is not None and limit.burst / limit.rate > _MAX_BURST_SECONDS:
-        raise ConfigError(
-            f"{where}.burst: a burst of {limit.burst} at {limit.rate:g}/s takes more than "
-            f"{_MAX_BURST_SECONDS} seconds to earn: use a quota for long windows"
-        )
-    if limit.quota is not None and limit.quota.requests > _MAX_QUOTA:
-        raise ConfigError(f"{where}.quota: {limit.quota.requests} requests is above the largest quota, {_MAX_QUOTA}")
 
 
 def _check_match(where: str, match: Match) -> None:

@@ -272,10 +272,15 @@ def _with_bounds(noun: str, constraints: list[msgspec.Meta]) -> str:
     if noun == "an integer" and bounds == {"ge": 1}:
         return "a positive integer"
     if "ge" in bounds and "le" in bounds:
-        return f"{noun} from {bounds['ge']:g} to {bounds['le']:g}"
+        return f"{noun} from {_number(bounds['ge'])} to {_number(bounds['le'])}"
     words = {"ge": "of at least", "gt": "greater than", "le": "of at most", "lt": "less than"}
-    parts = [f"{words[name]} {value:g}" for name, value in bounds.items()]
+    parts = [f"{words[name]} {_number(value)}" for name, value in bounds.items()]
     return f"{noun} {' and '.join(parts)}" if parts else noun
+
+
+def _number(value: float) -> str:
+    """Write a bound in full: 67108864, not 6.71089e+07."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _join_alternatives(parts: list[str]) -> str:

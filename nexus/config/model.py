@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from nexus.units import parse_duration, parse_quota, parse_rate, parse_ratio, parse_size
+from nexus.units import MONTH, parse_duration, parse_quota, parse_rate, parse_ratio, parse_size
 
 
 class ConfigError(Exception):
@@ -34,26 +34,39 @@ class Rate(float):
 
 
 class Quota:
-    """A number of requests per window, written in YAML as `300/min` or `10000/day`."""
+    """A number of requests per window, written in YAML as `300/min` or `10000/day`.
 
-    __slots__ = ("requests", "window")
+    `window` is in seconds; a `/month` quota has calendar months as windows
+    (`calendar_month` is true) and `window` is then 30 days, the length
+    advertised in header fields.
+    """
 
-    def __init__(self, requests: int, window: int) -> None:
+    __slots__ = ("calendar_month", "requests", "window")
+
+    def __init__(self, requests: int, window: int, calendar_month: bool = False) -> None:
         self.requests = requests
-        self.window = window  # seconds
+        self.window = window
+        self.calendar_month = calendar_month
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Quota) and (self.requests, self.window) == (other.requests, other.window)
+        return isinstance(other, Quota) and (self.requests, self.window, self.calendar_month) == (
+            other.requests,
+            other.window,
+            other.calendar_month,
+        )
 
     def __hash__(self) -> int:
-        return hash((self.requests, self.window))
+        return hash((self.requests, self.window, self.calendar_month))
 
     def __repr__(self) -> str:
-        return f"Quota({self.requests}, {self.window})"
+        return f"Quota({self.requests}, {self.window}{', calendar_month=True' if self.calendar_month else ''})"
 
 
 def _parse_quota(value: object) -> Quota:
-    return Quota(*parse_quota(value))
+    requests, window = parse_quota(value)
+    if window == MONTH:
+        return Quota(requests, window, calendar_month=True)
+    return Quota(requests, window)
 
 
 _UNIT_PARSERS = {
@@ -119,6 +132,17 @@ class Retries(_Section):
     min_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 3
 
 
+class Concurrency(_Section):
+    """An adaptive limit on requests in flight to one upstream, shared by the node's workers."""
+
+    min_limit: PositiveInt = 4
+    max_limit: PositiveInt = 1000
+    initial_limit: PositiveInt = 20
+    max_queue_wait: Duration = Duration(0.1)
+    overloaded_queue_wait: Duration = Duration(0.005)
+    critical_reserve: Ratio = Ratio(0.2)
+
+
 class Upstream(_Section):
     """A named pool of targets with its balancer, health checks and timeouts."""
 
@@ -131,6 +155,7 @@ class Upstream(_Section):
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     retries: Retries = msgspec.field(default_factory=Retries)
     max_connections: PositiveInt = 1024
+    concurrency: Concurrency | None = None
 
     def target_list(self) -> list[Target]:
         """Return the targets with the short string form expanded."""
@@ -156,6 +181,21 @@ class RouteRateLimit(_Section):
     dry_run: bool = False
 
 
+class Policy(_Section):
+    """A rate limit of a route, counted separately per value of its key."""
+
+    name: str
+    key: list[str] = msgspec.field(default_factory=lambda: ["consumer"])
+    rate: Rate | None = None
+    burst: PositiveInt = 1
+    quota: Quota | None = None
+    cost: PositiveInt = 1
+    dry_run: bool = False
+
+
+Auth = Literal["none", "api_key", "optional"]
+
+
 class Route(_Section):
     """A rule that sends matching requests to one upstream."""
 
@@ -164,7 +204,9 @@ class Route(_Section):
     match: Match = msgspec.field(default_factory=Match)
     strip_prefix: str | None = None
     add_prefix: str | None = None
+    auth: Auth = "none"
     rate_limit: RouteRateLimit | None = None
+    policies: list[Policy] = msgspec.field(default_factory=list)
 
 
 class Limits(_Section):
@@ -173,6 +215,43 @@ class Limits(_Section):
     max_body: Size = Size(10 * 1024 * 1024)
     header_timeout: Duration = Duration(10.0)
     body_timeout: Duration = Duration(30.0)
+
+
+class ApiKeys(_Section):
+    """Where requests carry their API key."""
+
+    header: str | None = "x-api-key"
+    query: str | None = None
+
+
+class Tier(_Section):
+    """A class of consumers: its priority when upstreams shed load, and its default limit."""
+
+    priority: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    rate_limit: RouteRateLimit | None = None
+
+
+def _default_tiers() -> dict[str, Tier]:
+    return {"critical": Tier(priority=3), "pro": Tier(priority=2), "free": Tier(priority=1)}
+
+
+class Consumer(_Section):
+    """A client of the API, known by its API keys (stored as SHA-256 hashes)."""
+
+    keys: list[str]
+    tier: str = "free"
+    rate_limit: RouteRateLimit | None = None
+
+
+class Redis(_Section):
+    """The Redis server or cluster that nodes share limits through."""
+
+    url: str | None = None
+    cluster: list[str] = msgspec.field(default_factory=list)
+    sync_interval: Duration = Duration(0.1)
+    timeout: Duration = Duration(0.25)
+    key_prefix: str = "nexus"
+    node_id: str | None = None
 
 
 class SharedMemory(_Section):
@@ -196,6 +275,10 @@ class Config(_Section):
     request_id_header: str = "x-request-id"
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)
+    api_keys: ApiKeys = msgspec.field(default_factory=ApiKeys)
+    tiers: dict[str, Tier] = msgspec.field(default_factory=_default_tiers)
+    consumers: dict[str, Consumer] = msgspec.field(default_factory=dict)
+    redis: Redis | None = None
     shared_memory: SharedMemory = msgspec.field(default_factory=SharedMemory)
 
     def worker_count(self) -> int:

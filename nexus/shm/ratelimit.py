@@ -11,6 +11,13 @@ be found (the table is full within the probe limit) the decision fails
 open, which is counted and exported, because refusing traffic for lack of
 table space would turn a sizing mistake into an outage.
 
+Slots are 8 words. Besides the decision state they carry what the master
+needs to sync a key with other nodes through Redis (`nexus.redis_sync`):
+the limit's parameters, an allowance leased from Redis, other nodes'
+counts, and a dirty word the master's scan collects. The sync mode in the
+control line makes decisions local, leased (connected) or split among the
+live nodes (disconnected).
+
 Geometry in the segment header: word 4 = slot count (a power of two).
 """
 
@@ -24,7 +31,7 @@ import xxhash
 from nexus.shm import _native
 from nexus.shm.segment import HEADER_BYTES, Segment
 
-__all__ = ["Decision", "GcraTable", "Outcome", "QuotaTable", "TableUsage", "key_hash"]
+__all__ = ["Decision", "GcraTable", "Outcome", "QuotaTable", "SyncMode", "TableUsage", "key_hash"]
 
 # A table is sized so that it is at most half full at its nominal key count:
 # linear probing stays short, and idle slots are there to be reclaimed.
@@ -41,10 +48,23 @@ class Outcome(enum.IntEnum):
     FAILED_OPEN = 2
 
 
+class SyncMode(enum.IntEnum):
+    """Sync mode of decisions, stored in control word 4 with the live node count."""
+
+    LOCAL = 0
+    CONNECTED = 1
+    DISCONNECTED = 2
+
+
+# Control words of a table, after the insert lock and the usage counters.
+_CONTROL_SYNC = 4
+
+
 class Decision(NamedTuple):
     """One decision: `wait_us` is the time until the key is fully replenished
-    (GCRA) or its window ends (quota) when allowed, and the time after which
-    the same request would be allowed when denied."""
+    when allowed (for a quota, the end of the next window, when this
+    window's count has slid out), and the time after which the same request
+    would be allowed when denied."""
 
     outcome: int
     remaining: int
@@ -79,8 +99,11 @@ class _KeyedTable:
     """A segment holding one rate-limit table of `slots` slots."""
 
     KIND = b""
-    LAYOUT = 1
-    SLOT_WORDS = 2
+    # Layout 2: 8-word slots with sync words, sync mode in control word 4.
+    LAYOUT = 2
+    SLOT_WORDS = 8
+    # The slot word that marks a key dirty for the master's scan.
+    DIRTY_WORD = 0
 
     def __init__(self, segment: Segment) -> None:
         self.segment = segment
@@ -108,6 +131,25 @@ class _KeyedTable:
         )
         return TableUsage(self.slots, occupied, failed_open, reclaimed, inserted)
 
+    def set_sync(self, mode: SyncMode, live_nodes: int) -> None:
+        """Set how decisions use the sync words, and the live node count that shares are computed with."""
+        self.control(_CONTROL_SYNC, (max(1, live_nodes) << 8) | int(mode))
+
+    def sync(self) -> tuple[SyncMode, int]:
+        """Return the sync mode and live node count that decisions use now."""
+        word = self.control(_CONTROL_SYNC)
+        return SyncMode(word & 0xFF), max(1, word >> 8)
+
+    def control(self, index: int, value: int | None = None) -> int:
+        """Read control word `index` (4 to 7), or store `value` and return the old one."""
+        if value is None:
+            return _native.table_control(self._region, self._offset, self.slots, index)
+        return _native.table_control(self._region, self._offset, self.slots, index, value)
+
+    def collect(self) -> list[tuple[int, ...]]:
+        """Return (slot index, word 0, ..., word 7) of every dirty slot and clear its dirty word."""
+        return _native.table_collect(self._region, self._offset, self.slots, self.DIRTY_WORD)
+
     @property
     def size_bytes(self) -> int:
         return len(self.segment.mapping)
@@ -124,7 +166,7 @@ class GcraTable(_KeyedTable):
     """
 
     KIND = b"gcra"
-    SLOT_WORDS = 2
+    DIRTY_WORD = 5
 
     def acquire(self, key: int, interval_us: int, limit_us: int, cost: int = 1, now_us: int = 0) -> Decision:
         """Decide one request of `cost` for the hashed `key`.
@@ -133,6 +175,14 @@ class GcraTable(_KeyedTable):
         `now_us` is CLOCK_MONOTONIC in microseconds; 0 reads the clock.
         """
         return Decision(*_native.gcra_acquire(self._region, self._offset, self.slots, key, interval_us, limit_us, cost, now_us))
+
+    def release(self, key: int, interval_us: int, cost: int = 1) -> bool:
+        """Give back an admission of `cost` (a later limit rejected the request); False if the key is gone."""
+        return _native.gcra_release(self._region, self._offset, self.slots, key, interval_us, cost)
+
+    def grant(self, index: int, key: int, tokens: int) -> bool:
+        """Add leased tokens to the allowance of `key` in slot `index`; False if the slot changed hands."""
+        return _native.gcra_grant(self._region, self._offset, self.slots, index, key, tokens)
 
 
 class QuotaTable(_KeyedTable):
@@ -144,7 +194,7 @@ class QuotaTable(_KeyedTable):
     """
 
     KIND = b"quota"
-    SLOT_WORDS = 4
+    DIRTY_WORD = 7
 
     def acquire(self, key: int, window_us: int, limit: int, cost: int = 1, now_us: int = 0) -> Decision:
         """Decide one request of `cost` against `limit` per `window_us`.
@@ -152,3 +202,16 @@ class QuotaTable(_KeyedTable):
         `now_us` is CLOCK_REALTIME in microseconds; 0 reads the clock.
         """
         return Decision(*_native.quota_acquire(self._region, self._offset, self.slots, key, window_us, limit, cost, now_us))
+
+    def release(self, key: int, window_us: int, cost: int = 1, now_us: int = 0) -> bool:
+        """Give back an admission of `cost` made at `now_us` (0 reads the clock); False if its window has passed."""
+        return _native.quota_release(self._region, self._offset, self.slots, key, window_us, cost, now_us)
+
+    def grant(self, index: int, key: int, window: int, remote_now: int, remote_before: int, count: int) -> bool:
+        """Store other nodes' counts for `window` and the window before, and add `count` to the allowance.
+
+        Returns False if slot `index` no longer contains `key` or has moved past `window`.
+        """
+        return _native.quota_grant(
+            self._region, self._offset, self.slots, index, key, window, remote_now, remote_before, count
+        )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from nexus.config import Config
 from nexus.shm.cache import CacheStore
+from nexus.shm.concurrency import ConcurrencyTable
 from nexus.shm.health import HealthTable
 from nexus.shm.metrics import MetricLayout, MetricSlots
 from nexus.shm.ratelimit import GcraTable, QuotaTable
@@ -19,8 +20,7 @@ from nexus.shm.workers import WorkerTable
 
 __all__ = ["SharedState"]
 
-_TABLES = ("health", "workers", "gcra", "quotas", "rings", "metrics", "cache")
-
+_TABLES = ("health", "workers", "gcra", "quotas", "rings", "metrics", "cache", "concurrency")
 
 @dataclass
 class SharedState:
@@ -33,11 +33,21 @@ class SharedState:
     rings: RingSet
     metrics: MetricSlots
     cache: CacheStore
+    concurrency: ConcurrencyTable
 
     @classmethod
     def create(cls, config: Config, worker_slots: int, layout: MetricLayout) -> SharedState:
+        """Create every table for `config`, with `worker_slots` per-worker slots.
+
+        The concurrency table has one row per upstream, in `config.upstreams`
+        order, so an upstream's position there is its row index.
+        """
         sizes = config.shared_memory
         total_targets = sum(len(upstream.targets) for upstream in config.upstreams.values())
+        limits = [
+            (name, None if upstream.concurrency is None else upstream.concurrency.initial_limit)
+            for name, upstream in config.upstreams.items()
+        ]
         return cls(
             health=HealthTable.create(total_targets),
             workers=WorkerTable.create(worker_slots),
@@ -46,6 +56,7 @@ class SharedState:
             rings=RingSet.create(worker_slots, sizes.event_ring_records),
             metrics=MetricSlots.create(layout, worker_slots),
             cache=CacheStore.create(sizes.cache_size, sizes.cache_entries, sizes.cache_max_object),
+            concurrency=ConcurrencyTable.create(limits, worker_slots),
         )
 
     @classmethod
@@ -67,6 +78,7 @@ class SharedState:
             rings=RingSet.attach(fds["rings"]),
             metrics=MetricSlots.attach(fds["metrics"], layout),
             cache=CacheStore.attach(fds["cache"]),
+            concurrency=ConcurrencyTable.attach(fds["concurrency"]),
         )
 
     def tables(self) -> dict[str, object]:
@@ -78,6 +90,7 @@ class SharedState:
             "rings": self.rings,
             "metrics": self.metrics,
             "cache": self.cache,
+            "concurrency": self.concurrency,
         }
 
     def fds(self) -> dict[str, int]:

@@ -90,7 +90,8 @@ def test_admitted_response_carries_ratelimit_fields(upstream_factory, gateway_fa
     second = _get(gateway.url + "/echo")
 
     assert first[0] == 200 and second[0] == 200
-    assert first[1]["RateLimit-Policy"] == '"limited.rate";q=1;w=60'
+    # A burst of 3 at 1/min is earned back in 180 s, so the policy reads 3 per 180 s.
+    assert first[1]["RateLimit-Policy"] == '"limited.rate";q=3;w=180'
     assert first[1]["RateLimit"].startswith('"limited.rate";r=2;t=')
     assert second[1]["RateLimit"].startswith('"limited.rate";r=1;t=')
 
@@ -108,7 +109,7 @@ def test_refused_request_gets_429_problem_naming_the_policy(upstream_factory, ga
     assert headers["Content-Type"] == "application/problem+json"
     # One request per 60 s, so the next is allowed within 60 s; at least 1 s.
     assert 1 <= int(headers["Retry-After"]) <= 60
-    assert headers["RateLimit-Policy"] == '"limited.rate";q=1;w=60'
+    assert headers["RateLimit-Policy"] == '"limited.rate";q=2;w=120'
     assert headers["RateLimit"].startswith('"limited.rate";r=0;t=')
     problem = json.loads(body)
     assert problem["status"] == 429
