@@ -254,6 +254,7 @@ class RouteLimiter:
         self.route = route.name
         self._decider = _Decider(gcra, quotas, route.name)
         self._consumer_limits = _consumer_limits(config) if route.auth != "none" else {}
+        self._consumer_keys = {name: key_hash("consumer", name) for name in self._consumer_limits}
 
         self._checks: list[_Check] = []
         if route.rate_limit is not None:
@@ -274,7 +275,7 @@ class RouteLimiter:
         consumer = facts.identity.consumer
         consumer_limit = self._consumer_limits.get(consumer) if consumer is not None else None
         if consumer_limit is not None:
-            checks.append((consumer_limit, key_hash("consumer", consumer)))
+            checks.append((consumer_limit, self._consumer_keys[consumer]))
         for check in self._checks:
             checks.append((check.limit, check.key(facts)))
         return self._decider.run(checks)

@@ -86,8 +86,12 @@ def key_hash(*parts: str | bytes) -> int:
 
     Parts are joined with a 0 byte so ("ab", "c") and ("a", "bc") differ.
     """
-    encoded = [part.encode() if isinstance(part, str) else part for part in parts]
-    return xxhash.xxh3_64_intdigest(b"\0".join(encoded))
+    try:
+        # The common case, all strings: one join and one encode.
+        joined = "\0".join(parts).encode()  # type: ignore[arg-type]
+    except TypeError:
+        joined = b"\0".join(part.encode() if isinstance(part, str) else part for part in parts)
+    return xxhash.xxh3_64_intdigest(joined)
 
 
 def _slots_for(keys: int) -> int:
