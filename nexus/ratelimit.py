@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from nexus.auth import Identity
 from nexus.config import Config, Policy, Quota, Route, RouteRateLimit
 from nexus.errors import RateLimited
-from nexus.shm.ratelimit import Decision, GcraTable, Outcome, QuotaTable, key_hash
+from nexus.shm.ratelimit import GcraTable, Outcome, QuotaTable, key_hash
 
 __all__ = ["RequestFacts", "RouteLimiter", "Verdict", "route_limit_names"]
 
@@ -44,6 +44,10 @@ log = logging.getLogger("nexus.ratelimit")
 # At most one "would have rejected" line per policy in this many seconds, so
 # a dry run under load does not flood the log.
 _DRY_RUN_LOG_INTERVAL = 10.0
+
+# Outcome codes as plain ints, compared on every request.
+_ALLOWED = int(Outcome.ALLOWED)
+_FAILED_OPEN = int(Outcome.FAILED_OPEN)
 
 # The largest wait a table reports, for a cost that can never fit.
 _NEVER = (1 << 64) - 1
@@ -136,17 +140,20 @@ class _Decider:
         self._gcra = gcra
         self._quotas = quotas
         self._route = route
+        # Bound C calls that return plain tuples: this runs on every request.
+        self._decide_rate = gcra.acquire_raw()
+        self._decide_quota = quotas.acquire_raw()
 
     def run(self, checks: Sequence[tuple[_Limit, int]]) -> Verdict:
         tally = _Tally()
         for limit, key in checks:
             if limit.rate is not None:
-                decision = self._gcra.acquire(key, limit.interval_us, limit.limit_us, limit.cost)
+                decision = self._decide_rate(key, limit.interval_us, limit.limit_us, limit.cost, 0)
                 if self._apply(limit, limit.rate_name, decision, limit.rate_text, tally):
                     tally.taken.append(("rate", key, limit, 0, 0))
             if limit.quota is not None:
                 window_us, now_us = _quota_clock(limit.quota)
-                decision = self._quotas.acquire(key, window_us, limit.quota.requests, limit.cost, now_us)
+                decision = self._decide_quota(key, window_us, limit.quota.requests, limit.cost, now_us)
                 if self._apply(limit, limit.quota_name, decision, limit.quota_text, tally):
                     tally.taken.append(("quota", key, limit, window_us, now_us))
             if not limit.dry_run:
@@ -160,20 +167,21 @@ class _Decider:
         policy_field = ", ".join(tally.policies).encode()
         return Verdict([(b"ratelimit-policy", policy_field), (b"ratelimit", ", ".join(tally.items).encode())], tally.outcomes)
 
-    def _apply(self, limit: _Limit, name: str, decision: Decision, text: str, tally: _Tally) -> bool:
-        """Record one decision; return whether it took from the limit (and may have to give back)."""
-        if decision.outcome == Outcome.ALLOWED:
+    def _apply(self, limit: _Limit, name: str, decision: tuple[int, int, int], text: str, tally: _Tally) -> bool:
+        """Record one (outcome, remaining, wait_us) decision; return whether it took from the limit."""
+        outcome, remaining, wait_us = decision
+        if outcome == _ALLOWED:
             tally.outcomes.append((name, "allowed"))
             if not limit.dry_run:
                 # Seconds until the limit is whole again, rounded up (the field is an integer).
-                tally.items.append(f'"{name}";r={decision.remaining};t={math.ceil(decision.wait_us / 1_000_000)}')
+                tally.items.append(f'"{name}";r={remaining};t={-(-wait_us // 1_000_000)}')
             return True
-        if decision.outcome == Outcome.FAILED_OPEN:
+        if outcome == _FAILED_OPEN:
             # The table had no room: admit, and let the counter tell the operator.
             tally.outcomes.append((name, "failed_open"))
             return False
 
-        retry_after = _retry_after(decision.wait_us)
+        retry_after = _retry_after(wait_us)
         if limit.dry_run:
             tally.outcomes.append((name, "dry_run_denied"))
             if limit.should_log_dry_run():

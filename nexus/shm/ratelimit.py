@@ -24,6 +24,8 @@ Geometry in the segment header: word 4 = slot count (a power of two).
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import xxhash
@@ -180,6 +182,13 @@ class GcraTable(_KeyedTable):
         """
         return Decision(*_native.gcra_acquire(self._region, self._offset, self.slots, key, interval_us, limit_us, cost, now_us))
 
+    def acquire_raw(self) -> Callable[[int, int, int, int, int], tuple[int, int, int]]:
+        """Return a function (key, interval_us, limit_us, cost, now_us) -> (outcome, remaining, wait_us).
+
+        The same decision as `acquire`, without building a Decision, for the request path.
+        """
+        return functools.partial(_native.gcra_acquire, self._region, self._offset, self.slots)
+
     def release(self, key: int, interval_us: int, cost: int = 1) -> bool:
         """Give back an admission of `cost` (a later limit rejected the request); False if the key is gone."""
         return _native.gcra_release(self._region, self._offset, self.slots, key, interval_us, cost)
@@ -206,6 +215,13 @@ class QuotaTable(_KeyedTable):
         `now_us` is CLOCK_REALTIME in microseconds; 0 reads the clock.
         """
         return Decision(*_native.quota_acquire(self._region, self._offset, self.slots, key, window_us, limit, cost, now_us))
+
+    def acquire_raw(self) -> Callable[[int, int, int, int, int], tuple[int, int, int]]:
+        """Return a function (key, window_us, limit, cost, now_us) -> (outcome, remaining, wait_us).
+
+        The same decision as `acquire`, without building a Decision, for the request path.
+        """
+        return functools.partial(_native.quota_acquire, self._region, self._offset, self.slots)
 
     def release(self, key: int, window_us: int, cost: int = 1, now_us: int = 0) -> bool:
         """Give back an admission of `cost` made at `now_us` (0 reads the clock); False if its window has passed."""
