@@ -67,13 +67,16 @@ class Authenticator:
             for key_hash in consumer.keys:
                 self._identities[bytes.fromhex(key_hash.removeprefix("sha256:"))] = identity
 
-        where = f'header="{source.header}"' if source.header else f'query="{source.query}"'
-        self.challenge = f"ApiKey {where}".encode()
-        self._missing = (
-            f"missing API key: send it in the {source.header} header field"
-            if source.header
-            else f"missing API key: send it in the {source.query} query parameter"
-        )
+        params = []
+        places = []
+        if source.header:
+            params.append(f'header="{source.header}"')
+            places.append(f"the {source.header} header field")
+        if source.query:
+            params.append(f'query="{source.query}"')
+            places.append(f"the {source.query} query parameter")
+        self.challenge = ("ApiKey " + ", ".join(params)).encode()
+        self._missing = "missing API key: send it in " + " or ".join(places)
 
     def identify(self, headers: list[tuple[bytes, bytes]], query: bytes, mode: str) -> Identity:
         """Return the request's identity under route auth `mode`, or raise Unauthorized."""

@@ -110,7 +110,9 @@ def key_hash_command(value: str | None) -> None:
 
     if value is None:
         # Reading from stdin keeps the key out of shell history and process lists.
-        value = sys.stdin.readline().strip()
+        value = sys.stdin.readline()
+    # Keys never contain white space; a copied key often carries some.
+    value = value.strip()
     if not value:
         click.echo("nexusctl: no API key given: pass it as an argument or on standard input", err=True)
         sys.exit(2)

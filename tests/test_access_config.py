@@ -116,3 +116,34 @@ def test_full_access_config_is_accepted() -> None:
     assert config.consumers["acme"].tier == "gold"
     assert config.tiers["gold"].rate_limit.quota.calendar_month is True
     assert config.routes[0].policies[0].cost == 2
+
+
+REDIS_CASES = [
+    pytest.param('{url: "redis://127.0.0.1:99999/0"}', 'redis.url: invalid Redis URL "redis://127.0.0.1:99999/0": '
+                 "the port must be from 1 to 65535", id="port-out-of-range"),
+    pytest.param('{url: ""}', 'redis.url: invalid Redis URL "": expected redis://host:port/db or '
+                 'rediss://host:port/db, such as "redis://127.0.0.1:6379/0"', id="empty-url"),
+    pytest.param('{url: "redis://127.0.0.1:6379/abc"}', 'redis.url: invalid Redis URL "redis://127.0.0.1:6379/abc": '
+                 'the database must be a number: expected redis://host:port/db or rediss://host:port/db, such as '
+                 '"redis://127.0.0.1:6379/0"', id="database-not-a-number"),
+    pytest.param('{cluster: ["redis://127.0.0.1:7000/2"]}', 'redis.cluster[0]: Redis Cluster has only database 0: '
+                 'remove "/2" from the URL', id="cluster-database"),
+    pytest.param('{url: "redis://127.0.0.1:6379/0", cluster: ["redis://127.0.0.1:7000"]}', 'redis: set url (one '
+                 'server, such as "redis://127.0.0.1:6379/0") or cluster (a list of seed nodes), not both and not '
+                 "neither", id="url-and-cluster"),
+]
+
+
+@pytest.mark.parametrize(("redis", "message"), REDIS_CASES)
+def test_redis_config_error(redis: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"{BASE}redis: {redis}\n")
+    assert str(caught.value) == message
+
+
+def test_raw_key_with_hash_prefix_is_not_echoed() -> None:
+    raw = "nx_BxUCK0oUbGyU_PUiH50xBBjmjgcSeHWhHwPGo"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_consumer(f'keys: ["sha256:{raw}"]'))
+    assert raw not in str(caught.value)
+    assert '"sha256:nx_B..."' in str(caught.value)

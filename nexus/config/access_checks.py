@@ -89,16 +89,9 @@ def check_redis(config: Config) -> None:
             'redis: set url (one server, such as "redis://127.0.0.1:6379/0") or cluster (a list of seed nodes), '
             "not both and not neither"
         )
-    urls = [("redis.url", redis.url)] if redis.url else [(f"redis.cluster[{i}]", url) for i, url in enumerate(redis.cluster)]
+    urls = [("redis.url", redis.url)] if redis.url is not None else [(f"redis.cluster[{i}]", url) for i, url in enumerate(redis.cluster)]
     for where, url in urls:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ConfigError(
-                f'{where}: invalid Redis URL {show_value(url)}: expected redis://host:port or rediss://host:port, '
-                'such as "redis://127.0.0.1:6379/0"'
-            )
-        if redis.cluster and parts.path not in ("", "/", "/0"):
-            raise ConfigError(f"{where}: Redis Cluster has only database 0: remove {show_value(parts.path)} from the URL")
+        _check_redis_url(where, url, cluster=bool(redis.cluster))
     if redis.sync_interval <= 0 or redis.timeout <= 0:
         name = "sync_interval" if redis.sync_interval <= 0 else "timeout"
         raise ConfigError(f"redis.{name}: invalid duration 0s: must be greater than 0, such as 100ms")
@@ -110,6 +103,22 @@ def check_redis(config: Config) -> None:
 
 
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _check_redis_url(where: str, url: str, cluster: bool) -> None:
+    expected = 'expected redis://host:port/db or rediss://host:port/db, such as "redis://127.0.0.1:6379/0"'
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{where}: invalid Redis URL {show_value(url)}: {expected}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ConfigError(f"{where}: invalid Redis URL {show_value(url)}: the port must be from 1 to 65535") from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigError(f"{where}: invalid Redis URL {show_value(url)}: the database must be a number: {expected}")
+    if cluster and database not in ("", "0"):
+        raise ConfigError(f"{where}: Redis Cluster has only database 0: remove {show_value(parts.path)} from the URL")
 
 
 def _show_rate(rate: float) -> str:
@@ -159,8 +168,11 @@ def _check_keys(where: str, consumer: Consumer, owners: dict[str, str], name: st
 
 
 def _shorten(key: str) -> str:
-    # A misplaced raw key must not be echoed whole into logs.
-    return key if key.startswith("sha256:") or len(key) <= 8 else key[:4] + "..."
+    # An invalid value may be a raw key put here by mistake (with or without
+    # the "sha256:" prefix), so only its start is shown in messages and logs.
+    prefix = "sha256:" if key.startswith("sha256:") else ""
+    rest = key[len(prefix) :]
+    return key if len(rest) <= 4 else f"{prefix}{rest[:4]}..."
 
 
 def _check_route_access(where: str, route: Route, config: Config, check_name) -> None:

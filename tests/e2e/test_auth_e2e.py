@@ -59,11 +59,11 @@ def test_missing_key_gets_401_with_challenge(gateway):
     status, headers, body = _get(gateway.url + "/private/echo")
 
     assert status == 401
-    assert headers["WWW-Authenticate"] == 'ApiKey header="x-api-key"'
+    assert headers["WWW-Authenticate"] == 'ApiKey header="x-api-key", query="api_key"'
     assert headers["Content-Type"] == "application/problem+json"
     problem = json.loads(body)
     assert problem["type"] == "urn:nexus:problem:unauthorized"
-    assert "x-api-key" in problem["detail"]
+    assert problem["detail"] == "missing API key: send it in the x-api-key header field or the api_key query parameter"
 
 
 def test_unknown_keys_get_one_message(gateway):
