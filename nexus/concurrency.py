@@ -27,9 +27,14 @@ back, and then fall back to 10: it oscillated. The limit does not grow
 while fewer than GROWTH_MIN_UTILIZATION x limit requests are in flight, so
 a lightly loaded upstream does not drift up to max_limit.
 
-NOTE: under an overload that lasts much longer than LONG_RTT_TIME_CONSTANT,
-long_rtt rises toward the queued latency and the limit creeps up again, as
-in Gradient2; `max_limit` is the bound on that.
+Under an overload that lasts much longer than LONG_RTT_TIME_CONSTANT,
+long_rtt would rise toward the queued latency and the limit creep up again,
+as in Gradient2. So long_rtt is capped at MIN_RTT_TOLERANCE x the lowest RTT
+the worker saw in the last MIN_RTT_WINDOW seconds: latency may double
+before the limit falls, but the queue cannot grow for good. An upstream
+that becomes slower for good (more than MIN_RTT_TOLERANCE x) is limited
+harder for up to MIN_RTT_WINDOW seconds, until the window forgets the old
+RTTs.
 
 Admission: a request of the tier named "critical" may take a slot while
 fewer than `limit` are held; any other request only while fewer than
@@ -79,6 +84,13 @@ LONG_RTT_UPDATE_INTERVAL_NS = 1_000_000
 # LONG_RTT_DECAY per update instead of following it slowly.
 LONG_RTT_RESET_RATIO = 2.0
 LONG_RTT_DECAY = 0.95
+# The long-term average may not exceed this multiple of the lowest RTT the
+# worker saw in the last MIN_RTT_WINDOW seconds. Without that anchor, an
+# overload lasting much longer than LONG_RTT_TIME_CONSTANT lets the average
+# catch up with the queued latency, and the limit creeps up again.
+MIN_RTT_TOLERANCE = 1.5
+MIN_RTT_WINDOW = 30
+
 # The limit grows only while at least this share of it is in flight.
 GROWTH_MIN_UTILIZATION = 0.5
 # How long a worker's queue must be standing before waits are cut to
@@ -167,6 +179,8 @@ class ConcurrencyLimiter:
         self._poll: asyncio.TimerHandle | None = None
         # The worker's event loop, known from the first request that waits.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (second, lowest RTT in ns that second), for the last MIN_RTT_WINDOW seconds.
+        self._min_rtts: deque[tuple[int, int]] = deque()
 
     def limit(self) -> float:
         return self.table.limit(self.index)
@@ -217,12 +231,26 @@ class ConcurrencyLimiter:
             long_rtt = table.update_long_rtt(index, lambda old: _long_rtt_step(old, short_rtt, elapsed_ns))
         if long_rtt == 0:
             return
+        long_rtt = min(long_rtt, MIN_RTT_TOLERANCE * self._lowest_rtt(rtt_ns))
         in_flight = table.in_flight(index)
         settings = self.settings
         table.update_limit(
             index,
             lambda limit: next_limit(limit, long_rtt, short_rtt, in_flight, settings.min_limit, settings.max_limit),
         )
+
+    def _lowest_rtt(self, rtt_ns: int) -> int:
+        """Fold one sample into the per-second minima and return the lowest of the window."""
+        second = int(time.monotonic())
+        minima = self._min_rtts
+        if minima and minima[-1][0] == second:
+            if rtt_ns < minima[-1][1]:
+                minima[-1] = (second, rtt_ns)
+        else:
+            minima.append((second, rtt_ns))
+            while minima[0][0] <= second - MIN_RTT_WINDOW:
+                minima.popleft()
+        return min(lowest for _, lowest in minima)
 
     # The queue.
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus.concurrency import ConcurrencyLimiter, next_limit, slot_cap
+from nexus.concurrency import MIN_RTT_TOLERANCE, MIN_RTT_WINDOW, ConcurrencyLimiter, next_limit, slot_cap
 from nexus.config import Concurrency, parse_config
 from nexus.errors import UpstreamOverloaded
 from nexus.shm.concurrency import ConcurrencyTable
@@ -619,3 +619,42 @@ def test_permit_release_is_idempotent():
     assert table.in_flight(0) == 1
     second.release()
     assert table.in_flight(0) == 0
+
+
+def test_long_overload_cannot_raise_the_latency_anchor():
+    """A long-term RTT that caught up with a queued latency is capped at MIN_RTT_TOLERANCE x the window's lowest RTT.
+
+    The worker saw 100 ms responses; then the long-term average is pushed to
+    400 ms, as a long overload would. 400 ms samples must still lower the
+    limit, because the anchor keeps the long-term side at 150 ms; without
+    it the gradient would be 1 and the limit would grow.
+    """
+    table = ConcurrencyTable.create([("app", 100)], 1)
+    limiter = _limiter(table, max_limit=1000, initial_limit=100)
+    for _ in range(20):
+        limiter.record_rtt(0.1)
+    table.update_long_rtt(0, lambda old: 400_000_000)
+    table.set_limit(0, 100.0)
+    holders = [table.try_acquire(0, 0, cap=100) for _ in range(100)]
+    assert all(holders)
+
+    for _ in range(30):
+        table.update_long_rtt(0, lambda old: 400_000_000)
+        limiter.record_rtt(0.4)
+
+    assert MIN_RTT_TOLERANCE == 1.5
+    assert table.limit(0) < 100.0
+
+
+def test_lowest_rtt_window_forgets_old_seconds(monkeypatch):
+    """The anchor is the lowest RTT of the last MIN_RTT_WINDOW seconds, so a lasting slowdown is learnt."""
+    table = ConcurrencyTable.create([("app", 20)], 1)
+    limiter = _limiter(table)
+    clock = [1000.0]
+    monkeypatch.setattr("nexus.concurrency.time.monotonic", lambda: clock[0])
+
+    assert limiter._lowest_rtt(100) == 100
+    clock[0] += MIN_RTT_WINDOW - 1
+    assert limiter._lowest_rtt(300) == 100
+    clock[0] += 2
+    assert limiter._lowest_rtt(300) == 300
