@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import random
 import signal
 import time
-import traceback
 
 import pytest
 
@@ -19,6 +17,7 @@ from nexus.shm.cache import _HEAD as HEAD_WORD
 from nexus.shm.cache import _LOCK as LOCK_WORD
 from nexus.shm.cache import INDEX_OFFSET, RECORD_HEADER_BYTES, WAYS, CacheStore
 from nexus.shm.segment import Segment, SegmentError
+from tests.forking import collect, fork_with_result
 
 TTL_US = 60_000_000
 LOCK_OFFSET = LOCK_WORD * 8
@@ -28,46 +27,8 @@ def _record_bytes(key: bytes, meta: bytes, body: bytes) -> int:
     return (RECORD_HEADER_BYTES + len(key) + len(meta) + len(body) + 7) // 8 * 8
 
 
-def _fork(action) -> tuple[int, int]:
-    """Run `action` in a forked child and return (pid, read end of a pipe carrying its JSON result).
-
-    The child exits 0 after writing action()'s return value, or 1 after
-    writing the traceback of what it raised.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        code = 1
-        try:
-            try:
-                message = {"result": action()}
-                code = 0
-            # Anything raised, SystemExit included, must reach the parent
-            # as text, and the child must still leave through os._exit.
-            except BaseException:  # noqa: BLE001
-                message = {"error": traceback.format_exc()}
-            os.write(write_end, json.dumps(message).encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _collect(pid: int, read_end: int):
-    """Wait for a child started by _fork() and return its result, failing on its error."""
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    message = json.loads(b"".join(chunks) or b"{}")
-    assert status == 0, f"child {pid} exited with {status}: {message.get('error', 'no output')}"
-    return message["result"]
-
-
 def _in_child(action):
-    return _collect(*_fork(action))
+    return collect(*fork_with_result(action))
 
 
 def _dead_pid() -> int:
@@ -599,7 +560,7 @@ def _kill_reader(store: CacheStore, stop: mmap.mmap) -> dict:
 def test_killed_writers_never_tear_reads():
     store = CacheStore.create(capacity_bytes=192 << 10, max_entries=256, max_object_bytes=4096)
     stop = mmap.mmap(-1, mmap.PAGESIZE)
-    readers = [_fork(lambda: _kill_reader(store, stop)) for _ in range(2)]
+    readers = [fork_with_result(lambda: _kill_reader(store, stop)) for _ in range(2)]
     rng = random.Random(1)
     kills = 0
     kills_inside_lock = 0
@@ -637,7 +598,7 @@ def test_killed_writers_never_tear_reads():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         stop[0] = 1
-    results = [_collect(pid, read_end) for pid, read_end in readers]
+    results = [collect(pid, read_end) for pid, read_end in readers]
 
     assert kills >= 100, f"only {kills} kills in 10 s"
     for counts in results:
@@ -696,9 +657,9 @@ def _contention_worker(store: CacheStore, number: int) -> dict:
 def test_contending_processes_keep_stats_consistent():
     store = CacheStore.create(capacity_bytes=8 << 20, max_entries=100_000, max_object_bytes=4096)
     children = [
-        _fork(lambda number=number: _contention_worker(store, number)) for number in range(CONTENTION_PROCESSES)
+        fork_with_result(lambda number=number: _contention_worker(store, number)) for number in range(CONTENTION_PROCESSES)
     ]
-    results = [_collect(pid, read_end) for pid, read_end in children]
+    results = [collect(pid, read_end) for pid, read_end in children]
 
     stats = store.stats()
     assert sum(counts["wrong"] for counts in results) == 0

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import random
 import signal
 import time
-import traceback
 
 import pytest
 
 from nexus.shm.cache import _LOCK as LOCK_WORD
 from nexus.shm.cache import RECORD_HEADER_BYTES, CacheStore
+from tests.forking import collect, fork_with_result
 
 TTL_US = 60_000_000
 LOCK_OFFSET = LOCK_WORD * 8
@@ -21,40 +20,6 @@ LOCK_OFFSET = LOCK_WORD * 8
 
 def _record_bytes(object_bytes: int) -> int:
     return (RECORD_HEADER_BYTES + object_bytes + 7) // 8 * 8
-
-
-def _fork(action) -> tuple[int, int]:
-    """Run `action` in a forked child and return (pid, read end of a pipe carrying its JSON result)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        code = 1
-        try:
-            try:
-                message = {"result": action()}
-                code = 0
-            # The child reports whatever it raised as text and always leaves
-            # through os._exit, so pytest never runs twice.
-            except BaseException:  # noqa: BLE001
-                message = {"error": traceback.format_exc()}
-            os.write(write_end, json.dumps(message).encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _collect(pid: int, read_end: int):
-    """Wait for a child started by _fork() and return its result, failing on its error."""
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    message = json.loads(b"".join(chunks) or b"{}")
-    assert status == 0, f"child {pid} exited with {status}: {message.get('error', 'no output')}"
-    return message["result"]
 
 
 # ---- capacity of exactly one largest record ------------------------------------------
@@ -78,7 +43,7 @@ def test_exact_fit_capacity_stores_largest_object(max_object_bytes):
         attached.close()
         return {"stored": stored}
 
-    assert _collect(*_fork(child)) == {"stored": True}
+    assert collect(*fork_with_result(child)) == {"stored": True}
     entry = store.get(key)
     assert entry is not None
     assert entry.meta == meta
@@ -146,7 +111,7 @@ def test_exact_fit_capacity_survives_killed_writers():
     capacity = _record_bytes(ONE_RECORD_OBJECT_BYTES)
     store = CacheStore.create(capacity_bytes=capacity, max_entries=16, max_object_bytes=ONE_RECORD_OBJECT_BYTES)
     stop = mmap.mmap(-1, mmap.PAGESIZE)
-    reader = _fork(lambda: _one_record_reader(store, stop))
+    reader = fork_with_result(lambda: _one_record_reader(store, stop))
     rng = random.Random(3)
     seeds = iter(range(1, 1_000_000))
 
@@ -180,7 +145,7 @@ def test_exact_fit_capacity_survives_killed_writers():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         stop[0] = 1
-    counts = _collect(*reader)
+    counts = collect(*reader)
 
     assert kills >= 50, f"only {kills} kills in 3 s"
     assert counts["torn"] == 0, f"torn value read: {counts['first_torn']}"

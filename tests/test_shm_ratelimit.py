@@ -15,9 +15,6 @@ import os
 import random
 import signal
 import time
-import traceback
-from collections.abc import Callable
-from typing import Self
 
 import pytest
 from hypothesis import given, settings
@@ -26,77 +23,13 @@ from hypothesis import strategies as st
 from nexus.shm import _native
 from nexus.shm.ratelimit import Decision, GcraTable, Outcome, QuotaTable, key_hash
 from nexus.shm.segment import HEADER_BYTES, SegmentError
+from tests.forking import Children
 
 NEVER = (1 << 64) - 1
 # Byte offset of a table's insert lock: control word 0 of the table, after the segment header.
 INSERT_LOCK_AT = HEADER_BYTES
 # A lock word keeps the holder's thread id in its low 22 bits.
 TID_MASK = (1 << 22) - 1
-
-
-class Children:
-    """Forked children of one test: reaped on `wait`, SIGKILLed and reaped on exit."""
-
-    def __init__(self) -> None:
-        self.running: list[int] = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for pid in self.running:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in self.running:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        self.running.clear()
-
-    def fork(self, action: Callable[[], None]) -> int:
-        """Run `action` in a forked child and return its pid. The child exits 0, or 1 if `action` raised."""
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                action()
-                code = 0
-            except BaseException:  # noqa: BLE001 - any failure ends the child with code 1, after its traceback
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        self.running.append(pid)
-        return pid
-
-    def kill(self, pid: int) -> int:
-        """SIGKILL `pid`, reap it and return its exit code."""
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        self.running.remove(pid)
-        return os.waitstatus_to_exitcode(status)
-
-    def wait(self, pid: int, timeout_s: float) -> int:
-        """Reap `pid` and return its exit code, after a SIGKILL if it is still running after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                _, status = os.waitpid(pid, 0)
-                break
-            time.sleep(0.001)
-        self.running.remove(pid)
-        return os.waitstatus_to_exitcode(status)
-
-    def wait_all(self, timeout_s: float) -> list[int]:
-        """Reap every running child within one shared deadline and return their exit codes in fork order."""
-        deadline = time.monotonic() + timeout_s
-        return [self.wait(pid, max(0.0, deadline - time.monotonic())) for pid in list(self.running)]
 
 
 def shared_words(count: int) -> _native.Region:

@@ -9,86 +9,21 @@ alive when a test ends is SIGKILLed and reaped.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
-import traceback
-from collections.abc import Callable
 from operator import mul
-from typing import Self
 
 import pytest
 
 from nexus.shm.ratelimit import GcraTable
 from nexus.shm.ring import RECORD_WORDS, RingCounts, RingSet
 from nexus.shm.segment import SegmentError
+from tests.forking import Children
 
 WORD_MASK = (1 << 64) - 1
 # Odd weights, so a change in any single word changes the checksum.
 CHECKSUM_WEIGHTS = tuple(((2 * position + 1) * 0x9E37_79B9_7F4A_7C15) & WORD_MASK for position in range(7))
-
-
-class Children:
-    """Forked children of one test: reaped on `wait`, SIGKILLed and reaped on exit."""
-
-    def __init__(self) -> None:
-        self.running: list[int] = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for pid in self.running:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in self.running:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        self.running.clear()
-
-    def fork(self, action: Callable[[], None]) -> int:
-        """Run `action` in a forked child and return its pid. The child exits 0, or 1 if `action` raised."""
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                action()
-                code = 0
-            except BaseException:  # noqa: BLE001 - any failure ends the child with code 1, after its traceback
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        self.running.append(pid)
-        return pid
-
-    def kill(self, pid: int) -> int:
-        """SIGKILL `pid`, reap it and return its exit code."""
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        self.running.remove(pid)
-        return os.waitstatus_to_exitcode(status)
-
-    def exited(self, pid: int) -> int | None:
-        """Reap `pid` and return its exit code if it has exited, else None."""
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if not done:
-            return None
-        self.running.remove(pid)
-        return os.waitstatus_to_exitcode(status)
-
-    def wait(self, pid: int, timeout_s: float) -> int:
-        """Reap `pid` and return its exit code, after a SIGKILL if it is still running after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while (code := self.exited(pid)) is None:
-            if time.monotonic() > deadline:
-                return self.kill(pid)
-            time.sleep(0.001)
-        return code
 
 
 def checksum(words: tuple[int, ...] | list[int]) -> int:
