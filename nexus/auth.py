@@ -3,7 +3,7 @@
 Consumers are declared in the config with the SHA-256 hashes of their keys,
 never the keys themselves. A request's key is read from the configured
 header field (and, if configured, query parameter), hashed, and looked up.
-A route with `auth: api_key` answers 401 to a missing or unknown key, with
+A route with `auth: api_key` returns 401 to a missing or unknown key, with
 the same message for every unknown key so it gives no hint of which keys
 exist; `auth: optional` lets requests without a key through as anonymous
 (their limits are then per client IP) but still rejects a wrong key.
@@ -34,7 +34,7 @@ CONSUMER_HEADER = "x-consumer"
 
 
 class Identity(NamedTuple):
-    """Who sent a request: a consumer and its tier, or nobody (anonymous, priority 0)."""
+    """The sender of a request: a consumer and its tier, or anonymous (no consumer, priority 0)."""
 
     consumer: str | None
     tier: str | None

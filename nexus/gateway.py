@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from nexus.auth import ANONYMOUS, Authenticator
+from nexus.auth import ANONYMOUS, Authenticator, Identity
 from nexus.body import BodySource, declared_length
 from nexus.config import Config, Route
 from nexus.errors import BadRequest, GatewayError, NoRoute, UpstreamOverloaded, problem_body
@@ -124,8 +124,7 @@ class Gateway:
         if route.auth != "none":
             identity = self.auth.identify(scope["headers"], query, route.auth)
             headers = self.auth.upstream_headers(headers, identity)
-        facts = RequestFacts(route.name, identity, forwarded.client_ip, scope["headers"])
-        limit_headers = self._check_rate_limit(route, facts)
+        limit_headers = self._check_rate_limit(route, identity, forwarded.client_ip, scope["headers"])
         pool = self.pools[route.upstream]
 
         body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
@@ -142,13 +141,15 @@ class Gateway:
         )
         await forward(pool, request, exchange.send)
 
-    def _check_rate_limit(self, route: Route, facts: RequestFacts) -> list[tuple[bytes, bytes]]:
+    def _check_rate_limit(
+        self, route: Route, identity: Identity, client_ip: str, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
         """Apply the limits on this route; return the header fields to add, or raise RateLimited."""
         limiter = self.limiters.get(route.name)
         if limiter is None:
             return []
         try:
-            verdict = limiter.check(facts)
+            verdict = limiter.check(RequestFacts(route.name, identity, client_ip, headers))
         except GatewayError as rejected:
             self.metrics.rate_limit(route.name, rejected.policy, "denied")
             raise

@@ -12,7 +12,7 @@ A request can meet three kinds of limit, checked in this order:
 
 Each limit is a GCRA rate with a burst (`<name>.rate`), a sliding-window
 quota (`<name>.quota`), or both, decided in the node's shared tables
-(`nexus.shm.ratelimit`), so it holds across every worker. Admitted responses
+(`nexus.shm.ratelimit`), so it is enforced across every worker. Admitted responses
 carry `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers);
 a rejected request gets 429 with `Retry-After` and a problem body naming the
 policy. A dry-run limit is decided and counted but never enforced or shown.
@@ -55,7 +55,7 @@ _NEVER = (1 << 64) - 1
 
 @dataclass(slots=True)
 class RequestFacts:
-    """What a limit key can be made of, for one request."""
+    """The facts of one request that a limit key can be made of."""
 
     route: str
     identity: Identity
@@ -65,7 +65,7 @@ class RequestFacts:
 
 @dataclass(slots=True)
 class Verdict:
-    """What the limits decided for an admitted request."""
+    """The decisions of the limits for an admitted request."""
 
     headers: list[tuple[bytes, bytes]]
     # One entry per limit: (policy name, "allowed" | "dry_run_denied" | "failed_open").
@@ -114,7 +114,7 @@ class _Check:
 
 
 class _Tally:
-    """What the limits of one request decided so far."""
+    """The decisions made so far for one request, and what to give back on a rejection."""
 
     __slots__ = ("items", "outcomes", "policies", "rejections", "taken")
 
@@ -199,7 +199,7 @@ class _Decider:
 
 
 def _rejection(tally: _Tally) -> RateLimited:
-    """The 429 for the rejection with the longest wait (one that never fits wins)."""
+    """Build the 429 for the rejection with the longest wait (one that never fits wins)."""
     limit, name, text, retry_after = max(
         tally.rejections, key=lambda rejection: float("inf") if rejection[3] is None else rejection[3]
     )
@@ -290,7 +290,7 @@ class RouteLimiter:
 
 
 def _consumer_limits(config: Config) -> dict[str, _Limit]:
-    """The limit of each consumer: its own, else its tier's; consumers with neither are left out."""
+    """Return the limit of each consumer: its own, else its tier's. Consumers with neither are left out."""
     limits = {}
     for name, consumer in config.consumers.items():
         spec = consumer.rate_limit or config.tiers[consumer.tier].rate_limit
@@ -331,7 +331,7 @@ def _header_values(headers: list[tuple[bytes, bytes]], names: list[bytes]) -> di
 
 
 def route_limit_names(route: Route, config: Config) -> list[str]:
-    """Every policy name (with .rate / .quota) the route's limiter can report, for the metric layout."""
+    """List every policy name (with .rate / .quota) that the route's limiter can report, for the metric layout."""
     names: list[str] = []
 
     def add(name: str, spec: RouteRateLimit | Policy) -> None:

@@ -202,7 +202,7 @@ class _GcraKey:
 
 
 class _Entry(NamedTuple):
-    """One key's part of a shard's script call, and what to do with the answer."""
+    """One key's part of a shard's script call, and how to apply its result."""
 
     keys: list[str]
     args: list[object]
@@ -248,7 +248,7 @@ class RedisSync:
         log.info("redis sync started node=%s interval_s=%g shards=%d", self.node_id, self._interval, SHARDS)
 
     def stop(self) -> None:
-        """Stop the thread and remove this node from the heartbeat set, if Redis answers."""
+        """Stop the thread and remove this node from the heartbeat set, if Redis is reachable."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self._interval + 4 * self._timeout + 1.0)
@@ -274,7 +274,7 @@ class RedisSync:
             self._on_failure(exc)
             return False
         except Exception as exc:
-            # A bug must not end the thread: the node falls back to local limits and says why.
+            # A bug must not end the thread: the node falls back to local limits and logs why.
             if self._connected is not False:
                 log.exception("redis sync round failed unexpectedly node=%s", self.node_id)
             self._on_failure(exc)
@@ -332,7 +332,7 @@ class RedisSync:
         self._set_mode(SyncMode.DISCONNECTED)
         if self._connected is not False:
             log.error(
-                "redis sync failed node=%s error=%s: enforcing limit / %d live nodes locally until Redis answers",
+                "redis sync failed node=%s error=%s: enforcing limit / %d live nodes locally until Redis is reachable again",
                 self.node_id,
                 exc,
                 self._live,

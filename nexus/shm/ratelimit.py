@@ -43,7 +43,7 @@ _CONTROL_BYTES = 64
 
 
 class Outcome(enum.IntEnum):
-    """What a table decided; the values are the codes the C functions return."""
+    """The outcome of a table decision, with the codes the C functions return."""
 
     ALLOWED = 0
     DENIED = 1

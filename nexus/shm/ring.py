@@ -1,8 +1,8 @@
 """Event rings: one single-producer single-consumer ring per worker.
 
 A worker pushes fixed-size records (eight 64-bit words: a kind and seven
-values) describing rate-limit deltas, cache events and access records; the
-master drains them in bulk. A full ring drops the record and counts the
+values), meant for cache events and access records, and the master drains
+them in bulk. A full ring drops the record and counts the
 drop, so a worker never waits for the master. The word-level layout and the
 publication protocol are in `nexus/shm/native/ring.c`.
 
