@@ -226,13 +226,13 @@ BAD_CONFIGS = [
     # Unknown keys, with a suggestion when one is close.
     pytest.param(
         "bogus: 1",
-        "bogus: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
+        "bogus: unknown key, expected one of listen, workers, shutdown_timeout, admin, limits, trusted_proxies, "
         "request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory",
         id="unknown-top-level-key",
     ),
     pytest.param(
         "upstream: {}",
-        "upstream: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
+        "upstream: unknown key, expected one of listen, workers, shutdown_timeout, admin, limits, trusted_proxies, "
         'request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory (did you mean "upstreams"?)',
         id="unknown-key-close-match",
     ),
@@ -243,7 +243,7 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         "1: 2",
-        "1: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, "
+        "1: unknown key, expected one of listen, workers, shutdown_timeout, admin, limits, trusted_proxies, "
         "request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory",
         id="top-level-int-key",
     ),

@@ -21,6 +21,7 @@ from __future__ import annotations
 from nexus.config.checks import parse_listen_address
 from nexus.config.loader import load_config, parse_config
 from nexus.config.model import (
+    Admin,
     ApiKeys,
     Concurrency,
     Config,
@@ -48,6 +49,7 @@ from nexus.config.model import (
 )
 
 __all__ = [
+    "Admin",
     "ApiKeys",
     "Concurrency",
     "Config",

@@ -12,6 +12,7 @@ from nexus.config.access_checks import check_access, check_redis
 from nexus.config.decode import _key_path
 from nexus.config.model import (
     _METHODS,
+    Admin,
     Concurrency,
     Config,
     ConfigError,
@@ -32,6 +33,7 @@ def _validate(config: Config) -> None:
     """Run the checks on single values that types cannot express, and those that span sections."""
     _check_listen(config.listen)
     _check_workers(config.workers)
+    _check_admin(config.admin)
     _check_limits(config.limits)
     _check_shared_memory(config.shared_memory)
     _check_trusted_proxies(config.trusted_proxies)
@@ -61,6 +63,21 @@ def _check_listen(listen: list[str]) -> None:
                 f"listen[{i}]: duplicate address {show_value(address)} (same as listen[{seen[key]}]): remove one"
             )
         seen[key] = i
+
+
+def _check_admin(admin: Admin) -> None:
+    if admin.socket is not None and not admin.socket.strip():
+        raise ConfigError('admin.socket: empty path: give a Unix socket path, such as "/run/nexus/admin.sock", or null')
+    if not re.fullmatch(r"0?[0-7]{3}", admin.socket_mode):
+        raise ConfigError(
+            f"admin.socket_mode: invalid mode {show_value(admin.socket_mode)}: "
+            'expected octal permission bits as a string, such as "0600" or "0660"'
+        )
+    if admin.metrics is not None:
+        try:
+            parse_listen_address(admin.metrics)
+        except ValueError as exc:
+            raise ConfigError(f"admin.metrics: {exc}") from None
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:

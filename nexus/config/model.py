@@ -264,12 +264,27 @@ class SharedMemory(_Section):
     cache_max_object: Size = Size(1024 * 1024)
 
 
+class Admin(_Section):
+    """Where the master serves its admin API (for nexusctl) and its Prometheus metrics."""
+
+    # A Unix socket path; null means $RUNTIME_DIRECTORY/admin.sock under
+    # systemd, else /run/nexus/admin.sock.
+    socket: str | None = None
+    # Octal permission bits of the socket, as a string such as "0660".
+    socket_mode: str = "0600"
+    # The group that owns the socket, for operators outside the service user.
+    socket_group: str | None = None
+    # host:port of the /metrics HTTP listener; null turns it off.
+    metrics: str | None = "127.0.0.1:9901"
+
+
 class Config(_Section):
     """A whole Nexus config file."""
 
     listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:8080", "[::]:8080"])
     workers: int | Literal["auto"] = "auto"
     shutdown_timeout: Duration = Duration(30.0)
+    admin: Admin = msgspec.field(default_factory=Admin)
     limits: Limits = msgspec.field(default_factory=Limits)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
     request_id_header: str = "x-request-id"

@@ -46,7 +46,7 @@ BAD_CONFIGS = [
     (
         "unknown-key",
         GOOD_CONFIG.replace("workers: 2", "wrokers: 2"),
-        'wrokers: unknown key, expected one of listen, workers, shutdown_timeout, limits, trusted_proxies, request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory (did you mean "workers"?)',
+        'wrokers: unknown key, expected one of listen, workers, shutdown_timeout, admin, limits, trusted_proxies, request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory (did you mean "workers"?)',
     ),
     (
         "yaml-syntax",
