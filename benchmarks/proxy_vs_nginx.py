@@ -313,6 +313,30 @@ def nexus_worker_pids(nexus: Service) -> list[int]:
     return [int(pid) for pid in slots.values()]
 
 
+def nginx_worker_pids(nginx: Service) -> list[int]:
+    """Return the pids of the nginx master's worker processes (its children)."""
+    master = nginx.process.pid
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            # The parent pid is the second field after the parenthesised command name.
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                workers.append(int(entry.name))
+    return workers
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Return the user + system CPU time of processes `pids`, all their threads included."""
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime and stime, in clock ticks
+    return total / ticks_per_second
+
+
 def nexus_failures(nexus: Service) -> list[str]:
     return [line for line in nexus.log().splitlines() if _NEXUS_FAILURE_LINE.search(line)]
 
@@ -726,7 +750,7 @@ def machine_facts() -> dict[str, str]:
         "kernel": platform.release(),
         "Python": platform.python_version(),
         "granian": importlib.metadata.version("granian"),
-        "pyreqwest": importlib.metadata.version("pyreqwest"),
+        "uvloop": importlib.metadata.version("uvloop"),
         "nginx": nginx.removeprefix("nginx version: "),
         "wrk": wrk.split(" Copyright")[0],
     }
@@ -757,9 +781,14 @@ class ProxyResults:
     name: str
     wrk_runs: list[WrkResult] = field(default_factory=list)
     open_loop_runs: list[OpenLoopResult] = field(default_factory=list)
+    # CPU time of the proxy's worker processes per request in each wrk run, in microseconds.
+    cpu_us_per_request: list[float] = field(default_factory=list)
 
     def median_rps(self) -> float:
         return statistics.median(run.requests_per_second for run in self.wrk_runs)
+
+    def median_cpu_us(self) -> float:
+        return statistics.median(self.cpu_us_per_request)
 
     def median_latency(self, key: str) -> float:
         return statistics.median(run.latency_ms[key] for run in self.wrk_runs)
@@ -797,16 +826,22 @@ def throughput_table(run: BenchmarkRun, args: argparse.Namespace) -> list[str]:
         f"Maximum throughput: `wrk -t1 -c{args.connections} -d{args.duration:g}s --latency`, "
         f"{_runs(args.runs)} per proxy, alternating, each after a {WARMUP_SECONDS:g} s warm-up; medians:",
         "",
-        "| Proxy | Workers | Requests/s | p50 | p90 | p99 | Requests/s of each run | Errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| Proxy | Workers | Requests/s | p50 | p90 | p99 | Requests/s of each run | Errors | CPU per request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for proxy in (run.nexus, run.nginx):
         each = ", ".join(f"{result.requests_per_second:,.0f}" for result in proxy.wrk_runs)
         errors = sum(result.errors for result in proxy.wrk_runs)
         lines.append(
             f"| {proxy.name} | {args.workers} | {proxy.median_rps():,.0f} | {_ms(proxy.median_latency('p50'))} | "
-            f"{_ms(proxy.median_latency('p90'))} | {_ms(proxy.median_latency('p99'))} | {each} | {errors} |"
+            f"{_ms(proxy.median_latency('p90'))} | {_ms(proxy.median_latency('p99'))} | {each} | {errors} | "
+            f"{proxy.median_cpu_us():.1f} us |"
         )
+    lines += [
+        "",
+        "CPU per request is the CPU time (user + system, all threads) of the proxy's worker processes during "
+        "the run, divided by the requests wrk counted; the median of the runs.",
+    ]
     return lines
 
 
@@ -835,11 +870,16 @@ def half_load_table(run: BenchmarkRun, args: argparse.Namespace) -> list[str]:
 
 def results_markdown(run: BenchmarkRun, args: argparse.Namespace) -> str:
     ratio = run.nexus.median_rps() / run.nginx.median_rps()
+    cpu_ratio = run.nginx.median_cpu_us() / run.nexus.median_cpu_us()
     p99 = run.nexus.median_open_loop(0.99)
     lines = [
         *throughput_table(run, args),
         "",
         f"Ratio Nexus/nginx of median requests/s: **{ratio:.2f}**",
+        "",
+        f"Ratio of nginx's CPU time per request to Nexus's: {cpu_ratio:.2f}. It estimates the throughput ratio "
+        "of the two proxies when each is held back only by its own CPU. Unlike requests/s, it changes little "
+        "when other processes take CPU time during the run.",
         "",
         *half_load_table(run, args),
         "",
@@ -921,12 +961,17 @@ def start_services(args: argparse.Namespace, services: Services) -> tuple[Servic
     return nexus, nginx
 
 
-def measure_throughput(run: BenchmarkRun, args: argparse.Namespace, proxies: list[tuple[ProxyResults, Service]]) -> None:
+def measure_throughput(
+    run: BenchmarkRun, args: argparse.Namespace, proxies: list[tuple[ProxyResults, Service, list[int]]]
+) -> None:
     for number in range(1, args.runs + 1):
-        for results, service in proxies:
+        for results, service, worker_pids in proxies:
             run_wrk(service.url, args.connections, WARMUP_SECONDS)
+            cpu_before = cpu_seconds(worker_pids)
             result = run_wrk(service.url, args.connections, args.duration)
+            cpu_used = cpu_seconds(worker_pids) - cpu_before
             results.wrk_runs.append(result)
+            results.cpu_us_per_request.append(cpu_used / max(result.requests, 1) * 1e6)
             if result.errors:
                 run.problems.append(
                     f"{results.name}, wrk run {number}: {result.non_2xx_3xx} non-2xx/3xx responses, "
@@ -934,16 +979,19 @@ def measure_throughput(run: BenchmarkRun, args: argparse.Namespace, proxies: lis
                 )
             print(
                 f"run {number} {results.name}: {result.requests_per_second:,.0f} requests/s, "
-                f"p99 {result.latency_ms['p99']:.2f} ms, errors {result.errors}",
+                f"p99 {result.latency_ms['p99']:.2f} ms, errors {result.errors}, "
+                f"CPU {results.cpu_us_per_request[-1]:.1f} us/request",
                 file=sys.stderr,
             )
 
 
-def measure_half_load(run: BenchmarkRun, args: argparse.Namespace, proxies: list[tuple[ProxyResults, Service]]) -> None:
+def measure_half_load(
+    run: BenchmarkRun, args: argparse.Namespace, proxies: list[tuple[ProxyResults, Service, list[int]]]
+) -> None:
     rate = run.half_load_rate
     lagging: list[float] = []
     for number in range(1, args.runs + 1):
-        for results, service in proxies:
+        for results, service, _ in proxies:
             result = run_open_loop(service.url, rate, OPEN_LOOP_SECONDS, args.connections)
             results.open_loop_runs.append(result)
             if result.errors or result.non_2xx:
@@ -986,7 +1034,7 @@ def benchmark(args: argparse.Namespace, services: Services) -> BenchmarkRun:
     clock_before = CpuClock.read()
     nexus, nginx = start_services(args, services)
     workers_at_start = nexus_worker_pids(nexus)
-    proxies = [(run.nexus, nexus), (run.nginx, nginx)]
+    proxies = [(run.nexus, nexus, workers_at_start), (run.nginx, nginx, nginx_worker_pids(nginx))]
 
     measure_throughput(run, args, proxies)
     run.half_load_rate = run.nexus.median_rps() / 2

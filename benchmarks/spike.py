@@ -289,7 +289,7 @@ def machine_lines() -> list[str]:
         f"- kernel: {platform.release()}",
         (
             f"- Python: {platform.python_version()}, granian {importlib.metadata.version('granian')}, "
-            f"pyreqwest {importlib.metadata.version('pyreqwest')}"
+            f"uvloop {importlib.metadata.version('uvloop')}"
         ),
     ]
 

@@ -18,7 +18,9 @@ Paths:
 
     /healthz (--health-path)   200 at once, outside the capacity limit
     /_stats (--stats-path)     200 at once with the counters as JSON (see Stats.snapshot)
-    anything else              a request of the capacity limit: 200 with a small JSON body
+    anything else              a request of the capacity limit: 200 with a small JSON body;
+                               GETs under /catalog carry `Cache-Control: public, max-age=30`,
+                               other responses `Cache-Control: no-store`
 
 The first line on standard output is
 
@@ -50,6 +52,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # Seconds a connection may stay idle between requests before the server closes it.
 IDLE_TIMEOUT = 60.0
+# Paths whose GET responses shared caches may store (the gateway strips /api).
+CACHEABLE_PREFIX = "/catalog"
 # Per-second completion counts kept in the stats, oldest dropped first.
 MAX_SECONDS_KEPT = 3600
 
@@ -324,10 +328,17 @@ class Server:
             stats.abandoned += 1
             return False
         body = json.dumps({"path": path, "consumer": request.headers.get("x-consumer")}).encode()
-        writer.write(encode_response(200, body, keep_alive))
+        writer.write(encode_response(200, body, keep_alive, cache_headers(request)))
         stats.count_completed()
         await writer.drain()
         return keep_alive
+
+
+def cache_headers(request: Request) -> tuple[tuple[str, str], ...]:
+    """Catalog reads may be cached for 30 s by shared caches; every other response must not be stored."""
+    if request.method in ("GET", "HEAD") and request.path.startswith(CACHEABLE_PREFIX):
+        return (("cache-control", "public, max-age=30"),)
+    return (("cache-control", "no-store"),)
 
 
 def loopback_host(value: str) -> str:

@@ -1,4 +1,4 @@
-"""Locust users for realistic traffic through Nexus, and the 10x spike shape.
+"""Locust users for realistic traffic through Nexus, and the shape of the chosen workload.
 
     locust -f loadtest/locustfile.py --headless --only-summary --host http://127.0.0.1:PORT
 
@@ -7,15 +7,19 @@ of loadtest/capacity_upstream.py. The users send the mix of
 loadtest/traffic.py: anonymous clients and consumers of the free, pro and
 critical tiers (their API key in `x-api-key`), GET-heavy, over the routes
 of loadtest/nexus.yaml. Each user sends LOADTEST_USER_RPS requests per
-second (default 1), and `SpikeShape` (loadtest/shapes.py) sets how many
-users run.
+second (default 1). LOADTEST_WORKLOAD picks the workload: `spike` (the
+default: the mixed traffic with a 10x spike, `SpikeShape`), `steady` (the
+mixed traffic at one rate, `SteadyShape`) or `zipf` (the cache-heavy mix
+of `traffic.pick_zipf_request` at one rate). The shape sets how many users
+run; only the chosen shape is a name of this module, for locust to find.
 
 Responses other than 2xx count as locust failures, named by status, and
 503s also by their problem type (`upstream_overloaded` is the concurrency
 limit shedding). With LOADTEST_RESULTS_DIR set, the end of the run writes
 `traffic.json` there. It contains status counts per kind of client and per
 stage, latency percentiles of 2xx responses per stage, the problem types of
-the 503s, the plan, and the Unix time at which each stage began.
+the 503s, the plan, the Unix time at which each stage began, and the
+responses by their Cache-Status (RFC 9211) result.
 """
 
 from __future__ import annotations
@@ -36,10 +40,14 @@ import gevent
 from locust import FastHttpUser, events, task
 
 from loadtest import traffic
-from loadtest.shapes import SpikeShape, user_rate_from_env
+from loadtest import shapes
+from loadtest.shapes import user_rate_from_env
 
-# locust finds the shape class among this module's names.
-__all__ = ["AnonymousUser", "CriticalUser", "FreeUser", "ProUser", "SpikeShape"]
+WORKLOAD = shapes.workload_from_env()
+# locust finds the shape class among this module's names: only the chosen one is here.
+Shape = shapes.SpikeShape if WORKLOAD == "spike" else shapes.SteadyShape
+
+__all__ = ["AnonymousUser", "CriticalUser", "FreeUser", "ProUser", "Shape"]
 
 PROBLEM_PREFIX = "urn:nexus:problem:"
 
@@ -58,6 +66,8 @@ class TrafficRecord:
         self.latencies_2xx: defaultdict[str, list[float]] = defaultdict(list)
         # Problem type of a 503 (the part after urn:nexus:problem:) -> responses.
         self.problems_503: Counter = Counter()
+        # Responses by cache result: hit, stale, a fwd= reason, or none without Cache-Status.
+        self.cache_status: Counter = Counter()
 
     def add(self, client: str, stage: str, status: int, milliseconds: float) -> None:
         self.by_client[client][status] += 1
@@ -71,6 +81,7 @@ class TrafficRecord:
             "statuses_by_stage": _counts_as_json(self.by_stage),
             "latency_2xx_ms_by_stage": {stage: latency_summary(values) for stage, values in self.latencies_2xx.items()},
             "problems_503": dict(self.problems_503),
+            "cache_status": dict(self.cache_status),
         }
 
 
@@ -140,8 +151,10 @@ class GatewayUser(FastHttpUser):
     @task
     def send_request(self) -> None:
         kind = self.client_kind
-        operation = traffic.pick_operation(kind, self.rng)
-        planned = traffic.build_request(kind, operation, self.rng)
+        if WORKLOAD == "zipf":
+            planned = traffic.pick_zipf_request(kind, self.rng)
+        else:
+            planned = traffic.build_request(kind, traffic.pick_operation(kind, self.rng), self.rng)
         stage = current_stage(self.environment)
         started = time.perf_counter()
         with self.client.request(
@@ -156,6 +169,7 @@ class GatewayUser(FastHttpUser):
             milliseconds = (time.perf_counter() - started) * 1000
             status = response.status_code or 0
             RECORD.add(kind, stage, status, milliseconds)
+            RECORD.cache_status[cache_result(response.headers.get("cache-status"))] += 1
             if 200 <= status < 300:
                 response.success()
             elif status == 503:
@@ -166,6 +180,20 @@ class GatewayUser(FastHttpUser):
                 response.failure(f"connection error: {response.error!r}")
             else:
                 response.failure(f"HTTP {status}")
+
+
+def cache_result(value: str | None) -> str:
+    """Return the cache result of a Cache-Status field (RFC 9211): hit, fwd=REASON, other, or none."""
+    if not value:
+        return "none"
+    # The last member is the cache nearest the client: the gateway's.
+    params = [param.strip() for param in value.split(",")[-1].split(";")[1:]]
+    for param in params:
+        if param == "hit":
+            return "hit"
+        if param.startswith("fwd="):
+            return param
+    return "other"
 
 
 def current_stage(environment) -> str:
@@ -203,7 +231,8 @@ def write_traffic_report(environment, **_kwargs) -> None:
         return
     shape = environment.shape_class
     report = RECORD.report()
-    if isinstance(shape, SpikeShape):
+    report["workload"] = WORKLOAD
+    if isinstance(shape, shapes.SpikeShape):
         report["plan"] = dataclasses.asdict(shape.plan)
         report["user_rate"] = shape.user_rate
         report["transitions"] = [list(item) for item in shape.transitions]

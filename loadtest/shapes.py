@@ -1,7 +1,9 @@
 """Locust load shapes for the gateway load tests.
 
 `SpikeShape` runs the plan of loadtest/spike_plan.py: baseline, a 10x
-spike, baseline again, as the LOADTEST_* variables set it. Each locust user
+spike, baseline again, as the LOADTEST_* variables set it. `SteadyShape`
+runs the one-stage plan of loadtest/steady_plan.py for the `steady` and
+`zipf` workloads (LOADTEST_WORKLOAD). Each locust user
 of loadtest/locustfile.py sends LOADTEST_USER_RPS requests per second
 (default 1). A user waits for its response before its next request, so
 when responses take longer than 1 / LOADTEST_USER_RPS seconds, locust
@@ -18,6 +20,7 @@ import time
 from locust import LoadTestShape
 
 from loadtest.spike_plan import SpikePlan, users_for
+from loadtest.steady_plan import SteadyPlan
 
 DEFAULT_USER_RATE = 1.0
 
@@ -34,12 +37,20 @@ def user_rate_from_env() -> float:
     return rate
 
 
+def workload_from_env() -> str:
+    """Return LOADTEST_WORKLOAD: spike (the default), steady or zipf."""
+    workload = os.environ.get("LOADTEST_WORKLOAD") or "spike"
+    if workload not in ("spike", "steady", "zipf"):
+        raise ValueError(f"LOADTEST_WORKLOAD must be spike, steady or zipf, got {workload!r}")
+    return workload
+
+
 class SpikeShape(LoadTestShape):
     """Load shape of the spike plan: baseline, a step to 10x the baseline, baseline again, then stop."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.plan = SpikePlan.from_env()
+        self.plan = self.make_plan()
         self.user_rate = user_rate_from_env()
         # (stage name, Unix time) of each stage as tick() first returned it,
         # so reports can find the spike in the upstream's per-second counts.
@@ -61,3 +72,13 @@ class SpikeShape(LoadTestShape):
             self._spawn_rate = float(max(1, abs(users - self._users)))
             self._users = users
         return users, self._spawn_rate
+
+    def make_plan(self):
+        return SpikePlan.from_env()
+
+
+class SteadyShape(SpikeShape):
+    """Load shape of one steady stage (the steady and zipf workloads), then stop."""
+
+    def make_plan(self):
+        return SteadyPlan.from_env(workload_from_env())

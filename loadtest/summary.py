@@ -50,7 +50,8 @@ def stage_windows(traffic: dict) -> list[StageWindow]:
         if index + 1 < len(transitions):
             end = transitions[index + 1][1]
         else:
-            end = start + float(plan.get(f"{name}_seconds", 0.0))
+            # A spike plan has a length per stage; a steady plan has one stage.
+            end = start + float(plan.get(f"{name}_seconds", plan.get("duration_seconds", 0.0)))
         windows.append(StageWindow(name, start, end))
     return windows
 
@@ -97,7 +98,12 @@ def format_summary(results_dir: Path) -> tuple[str, int]:
     lines = [f"Results: {results_dir}"]
 
     plan = traffic.get("plan")
-    if plan:
+    if plan and "rate" in plan:
+        lines.append(
+            f"Plan: {plan['workload']} {plan['rate']:g}/s for {plan['duration_seconds']:g} s "
+            f"(locust users at {traffic['user_rate']:g} request/s each)"
+        )
+    elif plan:
         rate = plan["baseline_rate"]
         lines.append(
             f"Plan: baseline {rate:g}/s for {plan['baseline_seconds']:g} s, spike {rate * plan['spike_factor']:g}/s "
@@ -124,6 +130,9 @@ def format_summary(results_dir: Path) -> tuple[str, int]:
     lines.append(f"By status: {by_status}")
     if problems:
         lines.append("503 by problem type: " + ", ".join(f"{kind}: {count:,}" for kind, count in problems.items()))
+    cache = traffic.get("cache_status") or {}
+    if set(cache) - {"none"}:
+        lines.append("By Cache-Status: " + ", ".join(f"{kind}: {count:,}" for kind, count in sorted(cache.items())))
     lines.append("")
 
     lines += [

@@ -1,8 +1,12 @@
-"""The traffic mix of the load tests: who sends what to the gateway of loadtest/nexus.yaml.
+"""The traffic mixes of the load tests: who sends what to the gateway of loadtest/nexus.yaml.
 
 Both the locust users (loadtest/locustfile.py) and the open-loop spike
 benchmark (benchmarks/spike.py) draw their requests from here, so they
-offer the gateway the same mix.
+offer the gateway the same mix. The `spike` and `steady` workloads send
+the mixed mix (`pick_operation`); the `zipf` workload sends the
+cache-heavy mix (`pick_zipf_request`): mostly GETs of catalog items whose
+ids follow a Zipf distribution, so a few items take most requests, as
+popular content does, and the response cache serves them.
 
 Every route of loadtest/nexus.yaml leads to the one capacity upstream, and
 every request except the upstream's health check costs it one service
@@ -12,6 +16,8 @@ priorities compete for that capacity.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -107,3 +113,37 @@ def pick_request(rng: random.Random) -> PlannedRequest:
     clients = list(CLIENT_WEIGHTS)
     client = rng.choices(clients, weights=[CLIENT_WEIGHTS[name] for name in clients])[0]
     return build_request(client, pick_operation(client, rng), rng)
+
+
+# The cache-heavy mix: Zipf-distributed item ids with exponent ZIPF_EXPONENT
+# over ITEM_IDS items (rank 1 is the most popular). With 1.1, the 100 most
+# popular items take about 65% of the item requests.
+ZIPF_EXPONENT = 1.1
+_ZIPF_CUMULATIVE = list(itertools.accumulate(1.0 / rank**ZIPF_EXPONENT for rank in range(1, ITEM_IDS + 1)))
+
+# Shares of the cache-heavy mix: cacheable reads of items and searches,
+# uncacheable reads of orders, and writes.
+ZIPF_OPERATIONS = (
+    Operation("GET /api/catalog/items/{zipf}", "GET", "/api/catalog/items/{id}", 80),
+    Operation("GET /api/catalog/search", "GET", "/api/catalog/search?q=lamp&page={id}", 10),
+    Operation("GET /api/orders/{id}", "GET", "/api/orders/{id}", 6, needs_key=True),
+    Operation("POST /api/orders", "POST", "/api/orders", 4, needs_key=True, has_body=True),
+)
+
+
+def zipf_item(rng: random.Random) -> int:
+    """Draw an item id; id 0 is the most popular."""
+    return bisect.bisect_left(_ZIPF_CUMULATIVE, rng.random() * _ZIPF_CUMULATIVE[-1])
+
+
+def pick_zipf_request(client: str, rng: random.Random) -> PlannedRequest:
+    """Draw one request of the cache-heavy mix for a client of kind `client`."""
+    choices = ZIPF_OPERATIONS if client != ANONYMOUS else tuple(op for op in ZIPF_OPERATIONS if not op.needs_key)
+    operation = rng.choices(choices, weights=[op.weight for op in choices])[0]
+    planned = build_request(client, operation, rng)
+    if operation.method == "GET" and operation.path.startswith("/api/catalog"):
+        # Searches page through few pages; items follow the Zipf ranks.
+        number = zipf_item(rng) if "items" in operation.path else zipf_item(rng) % 20
+        path = operation.path.replace("{id}", str(number))
+        return PlannedRequest(client, operation.name, operation.method, path, planned.headers, planned.body)
+    return planned

@@ -4,7 +4,9 @@
 systemd service expects. `nexus check` and `nexusctl check` validate a
 config file without serving and exit non-zero with the error's path and
 value when it is invalid. `nexusctl key new` and `nexusctl key hash` make
-API keys and the hashes that the config stores in their place.
+API keys and the hashes that the config stores in their place. The verbs
+that operate a running master (status, workers, reload, upgrade, drain,
+resume) are in `nexus.admin.commands`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 import click
 
 from nexus import __version__
+from nexus.admin.cli_support import EXIT_STATUS_HELP, config_option, socket_option
+from nexus.admin.commands import COMMANDS as ADMIN_COMMANDS
 from nexus.config import ConfigError, load_config
 
 __all__ = ["nexus", "nexusctl"]
@@ -60,7 +64,7 @@ def run(config_path: str, log_level: str) -> None:
     _setup_logging(log_level)
     config = _load_or_exit(config_path)
     logging.getLogger("nexus.master").info("config loaded path=%s", os.path.abspath(config_path))
-    sys.exit(Master(config).run())
+    sys.exit(Master(config, config_path).run())
 
 
 @nexus.command()
@@ -74,13 +78,37 @@ def check(config_path: str) -> None:
     )
 
 
-@click.group()
+@click.group(epilog=EXIT_STATUS_HELP)
 @click.version_option(__version__, prog_name="nexusctl")
-def nexusctl() -> None:
-    """Operate a running Nexus gateway."""
+@socket_option("Admin socket of the master, for every verb below.")
+@config_option("Config file: verbs read admin.socket from it, and `check` validates it.")
+def nexusctl(socket_option: str | None, config_option: str | None) -> None:
+    """Operate a running Nexus gateway through the master's admin socket.
+
+    The socket is --socket PATH, else admin.socket in --config FILE, else
+    $RUNTIME_DIRECTORY/admin.sock under systemd, else /run/nexus/admin.sock.
+    """
 
 
-nexusctl.add_command(check)
+@nexusctl.command("check")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Config file (YAML); default: nexusctl's --config.",
+)
+@click.pass_context
+def nexusctl_check(ctx: click.Context, config_path: str | None) -> None:
+    """Validate a config file without serving; exit 2 if it is invalid."""
+    config_path = config_path or ctx.find_root().params.get("config_option")
+    if config_path is None:
+        raise click.UsageError("give the config file: nexusctl check --config FILE")
+    ctx.invoke(check, config_path=config_path)
+
+
+for _command in ADMIN_COMMANDS:
+    nexusctl.add_command(_command)
 
 
 @nexusctl.group()
@@ -117,3 +145,13 @@ def key_hash_command(value: str | None) -> None:
         click.echo("nexusctl: no API key given: pass it as an argument or on standard input", err=True)
         sys.exit(2)
     click.echo(hash_key(value))
+
+
+# Commands defined by other modules, one line each.
+from nexus.observability.cli import access_log, top  # noqa: E402 - after nexusctl exists
+
+nexusctl.add_command(top)
+nexusctl.add_command(access_log)
+from nexus.cache.cli import purge  # noqa: E402 - after nexusctl exists
+
+nexusctl.add_command(purge)

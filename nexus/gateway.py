@@ -19,15 +19,18 @@ from typing import Any
 
 from nexus.auth import ANONYMOUS, Authenticator, Identity
 from nexus.body import BodySource, declared_length
+from nexus.cache.layer import CacheLayer
 from nexus.config import Config, Route
 from nexus.errors import BadRequest, GatewayError, NoRoute, UpstreamOverloaded, problem_body
 from nexus.headers import ForwardingContext, TrustedProxies, downstream_response_headers, upstream_request_headers
+from nexus.observability.access_log import AccessRecorder, Names
+from nexus.observability.logs import tag_worker_logs
 from nexus.proxy import ForwardRequest, forward
 from nexus.ratelimit import RequestFacts, RouteLimiter
 from nexus.routing import RouteTable, rewrite_path
 from nexus.shm.metrics import MetricLayout
 from nexus.shm.state import SharedState
-from nexus.telemetry import NO_ROUTE, RequestMetrics
+from nexus.telemetry import NO_ROUTE, SERVED_FROM_CACHE, RequestMetrics
 from nexus.upstream import UpstreamPool, target_slots
 
 __all__ = ["Gateway"]
@@ -52,7 +55,16 @@ class Gateway:
         self.auth = Authenticator(config)
         limiters = (RouteLimiter(route, config, shared.gcra, shared.quotas) for route in config.routes)
         self.limiters = {limiter.route: limiter for limiter in limiters if limiter.active}
-        self.metrics = RequestMetrics(shared.metrics.for_worker(worker_id), layout)
+        self.metrics = RequestMetrics(shared.metrics.for_worker(worker_id), layout, config)
+        for pool in self.pools.values():
+            pool.tries = self.metrics.tries(pool.name, [target.url for target in pool.targets])
+        # Every finished request goes to the master through this worker's
+        # ring, for usage and the access log (`nexus.observability`).
+        self.access = None
+        if config.usage or config.access_log.path is not None:
+            self.access = AccessRecorder(shared.rings[worker_id], Names(config))
+        # The response cache, for routes with a `cache` section (`nexus.cache`).
+        self.cache = CacheLayer.for_gateway(config, shared.cache, self.metrics)
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.request_id_header = config.request_id_header.lower()
         self.draining = False
@@ -60,6 +72,7 @@ class Gateway:
         self._route_needs_headers = any(route.match.headers for route in config.routes)
 
     async def startup(self) -> None:
+        tag_worker_logs(self.worker_id)
         for pool in self.pools.values():
             await pool.start()
 
@@ -75,7 +88,7 @@ class Gateway:
         if scope["type"] != "http":
             return
         started_ns = time.monotonic_ns()
-        exchange = _Exchange(send)
+        exchange = _Exchange(send, started_ns)
         try:
             await self._handle(scope, receive, exchange)
         except GatewayError as error:
@@ -92,7 +105,32 @@ class Gateway:
             await self._send_error(scope, exchange, error)
         finally:
             self.requests_done += 1
-            self.metrics.request(exchange.route, exchange.status, time.monotonic_ns() - started_ns)
+            self._count(scope["method"], exchange, time.monotonic_ns() - started_ns)
+
+    def _count(self, method: str, exchange: _Exchange, duration_ns: int) -> None:
+        """Count a finished request in the metric slots and send its access record to the master."""
+        self.metrics.request(exchange.route, method, exchange.status, duration_ns)
+        # A response from the cache builds its headers as an upstream's
+        # would, but no upstream was waited for.
+        upstream_ns = None if exchange.cache in SERVED_FROM_CACHE else exchange.upstream_ns
+        if upstream_ns is not None:
+            self.metrics.upstream_response(exchange.route, upstream_ns)
+        if self.access is not None:
+            self.access.record(
+                time.time_ns() - duration_ns,
+                duration_ns,
+                method,
+                exchange.status,
+                exchange.route,
+                exchange.consumer,
+                exchange.target,
+                exchange.bytes_sent,
+                upstream_ns,
+                exchange.cache,
+                exchange.rate_limit,
+                exchange.request_id,
+                exchange.trace_id,
+            )
 
     async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> None:
         """Run the pipeline for one request, recording its request id in `exchange`."""
@@ -103,9 +141,11 @@ class Gateway:
             scheme=scope.get("scheme", "http"),
             trusted=self.trusted,
             request_id_header=self.request_id_header,
+            trace_context=True,
         )
         forwarded = upstream_request_headers(scope["headers"], context)
         exchange.request_id = forwarded.request_id
+        exchange.trace_id = forwarded.trace_id
 
         # Framing and path checks, before any routing decision depends on them.
         length = declared_length(scope["headers"])
@@ -123,8 +163,9 @@ class Gateway:
         query = scope.get("query_string", b"")
         if route.auth != "none":
             identity = self.auth.identify(scope["headers"], query, route.auth)
+            exchange.consumer = identity.consumer
             headers = self.auth.upstream_headers(headers, identity)
-        limit_headers = self._check_rate_limit(route, identity, forwarded.client_ip, scope["headers"])
+        limit_headers = self._check_rate_limit(route, identity, forwarded.client_ip, scope["headers"], exchange)
         pool = self.pools[route.upstream]
 
         body = BodySource(receive, length, self.config.limits.max_body, self.config.limits.body_timeout)
@@ -139,12 +180,26 @@ class Gateway:
             tier=identity.tier,
             priority=identity.priority,
         )
-        await forward(pool, request, exchange.send)
+        route_cache = self.cache.policy(route.name) if self.cache is not None else None
+        if route_cache is not None:
+            exchange.cache = await self.cache.handle(route_cache, scope, identity.consumer, pool, request, exchange.send)
+            return
+        exchange.target = (await forward(pool, request, exchange.send)).target
 
     def _check_rate_limit(
-        self, route: Route, identity: Identity, client_ip: str, headers: list[tuple[bytes, bytes]]
+        self,
+        route: Route,
+        identity: Identity,
+        client_ip: str,
+        headers: list[tuple[bytes, bytes]],
+        exchange: _Exchange,
     ) -> list[tuple[bytes, bytes]]:
-        """Apply the limits on this route; return the header fields to add, or raise RateLimited."""
+        """Apply the limits on this route; return the header fields to add, or raise RateLimited.
+
+        The access record gets "denied" when a policy rejected the request,
+        else the last result other than "allowed" (dry_run_denied,
+        failed_open), else "allowed".
+        """
         limiter = self.limiters.get(route.name)
         if limiter is None:
             return []
@@ -152,9 +207,14 @@ class Gateway:
             verdict = limiter.check(RequestFacts(route.name, identity, client_ip, headers))
         except GatewayError as rejected:
             self.metrics.rate_limit(route.name, rejected.policy, "denied")
+            exchange.rate_limit = "denied"
             raise
+        summary = "allowed"
         for policy, result in verdict.outcomes:
             self.metrics.rate_limit(route.name, policy, result)
+            if result != "allowed":
+                summary = result
+        exchange.rate_limit = summary
         return verdict.headers
 
     def _upstream_path(self, route: Route, scope: dict[str, Any], raw_path: str) -> str:
@@ -174,6 +234,8 @@ class Gateway:
     async def _send_error(self, scope: dict[str, Any], exchange: _Exchange, error: GatewayError) -> None:
         """Log a failed request and send its problem response, or cut the connection if too late."""
         request_id = exchange.request_id
+        if error.target is not None:
+            exchange.target = error.target
         # A shed request is the limiter doing its job, and a spike sheds
         # thousands; the limiter logs a summary itself.
         level = logging.WARNING if error.status >= 500 and not isinstance(error, UpstreamOverloaded) else logging.DEBUG
@@ -206,26 +268,53 @@ class Gateway:
 
 
 class _Exchange:
-    """Tracks whether the response head has been sent for one request."""
+    """One request's progress: whether the response head was sent, and what its access record needs."""
 
-    __slots__ = ("_send", "request_id", "route", "started", "status")
+    __slots__ = (
+        "_send",
+        "bytes_sent",
+        "cache",
+        "consumer",
+        "rate_limit",
+        "request_id",
+        "route",
+        "started",
+        "started_ns",
+        "status",
+        "target",
+        "trace_id",
+        "upstream_ns",
+    )
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, started_ns: int) -> None:
         self._send = send
         self.started = False
+        self.started_ns = started_ns
         self.request_id: str | None = None
         self.route = NO_ROUTE
         # 500 until a response head is sent: a request that ends without one failed.
         self.status = 500
+        self.bytes_sent = 0
+        self.consumer: str | None = None
+        self.target: str | None = None
+        # Nanoseconds from the request's arrival to the upstream's response head.
+        self.upstream_ns: int | None = None
+        # A result of nexus.observability.access_log.CACHE_RESULTS, set by the cache.
+        self.cache: str | None = None
+        self.rate_limit: str | None = None
+        self.trace_id = 0
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]
+        else:
+            self.bytes_sent += len(message.get("body", b""))
         await self._send(message)
 
     def response_headers_builder(self, gateway: Gateway, request_id: str, extra: list[tuple[bytes, bytes]]):
         def build(upstream_headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+            self.upstream_ns = time.monotonic_ns() - self.started_ns
             headers = downstream_response_headers(upstream_headers, gateway.request_id_header, request_id)
             headers.extend(extra)
             if gateway.draining:

@@ -7,8 +7,9 @@ X-Forwarded-* fields, append Via and carry the request id. The trust rules for
 forwarding fields (which peers may set them) live here too.
 
 Header bytes are decoded and encoded as latin-1, so every byte value survives
-the round trip. Names are lower-cased on the way in, because both ASGI and
-pyreqwest use lower-case names and the rules below compare names as strings.
+the round trip. Names are lower-cased on the way in, because ASGI and the
+upstream client (`nexus.http1_client`) use lower-case names and the rules
+below compare names as strings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+from nexus.observability.trace import TRACEPARENT, trace_context
 
 __all__ = [
     "HOP_BY_HOP_FIELDS",
@@ -56,16 +59,16 @@ HOP_BY_HOP_FIELDS = frozenset(
 REQUEST_REWRITTEN_FIELDS = frozenset(
     {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via"}
 )
-_RESPONSE_REWRITTEN = frozenset({"via"})
+# traceparent is replaced when invalid (`nexus.observability.trace`).
+_REQUEST_SPLIT = REQUEST_REWRITTEN_FIELDS | {TRACEPARENT}
 
 # A field name is a token (RFC 9110 section 5.1 and the tchar set of section
-# 5.6.2). Anything else could split into a second field on the other side,
-# and pyreqwest 0.15.1 raises ValueError for such a name.
+# 5.6.2). Anything else could split into a second field on the other side.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # Field values must not contain control characters other than horizontal tab
 # (RFC 9110 section 5.5). CR, LF and NUL could smuggle a header, and
-# pyreqwest 0.15.1 raises ValueError for the other control characters.
+# upstreams may reject the other control characters.
 _INVALID_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Checked field names, lower-cased, by the name as received. An empty string
@@ -130,16 +133,19 @@ class ForwardingContext:
     trusted: TrustedProxies
     request_id_header: str
     via: str = "1.1 nexus"
+    # Whether to pass a valid traceparent on and create one where it is missing or invalid.
+    trace_context: bool = False
 
 
 @dataclass(slots=True)
 class UpstreamRequestHeaders:
-    """The upstream request headers, plus the request id, client address and Host resolved while building them."""
+    """The upstream request headers, plus the request id, client address, Host and trace id resolved while building them."""
 
     headers: list[tuple[str, str]]
     request_id: str
     client_ip: str
     host: str | None
+    trace_id: int = 0
 
 
 def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: ForwardingContext) -> UpstreamRequestHeaders:
@@ -149,10 +155,11 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     proxy sets the upstream Host itself. The first Host value is returned in
     `host`. The rewritten fields follow at the end: X-Forwarded-For,
     X-Forwarded-Proto, X-Forwarded-Host, Forwarded (only from a trusted peer),
-    Via and the request id.
+    Via, the request id and, with `ctx.trace_context`, traceparent (kept if
+    valid, else a new one).
     """
     fields, connection_values = _decode_request_fields(downstream)
-    kept, rewritten = _split_fields(fields, REQUEST_REWRITTEN_FIELDS, ctx.request_id_header)
+    kept, rewritten = _split_fields(fields, _REQUEST_SPLIT, ctx.request_id_header)
     if connection_values:
         # Host stays: the downstream cannot make the request lose its target.
         kept = _drop_connection_options(kept, rewritten, connection_values, keep="host")
@@ -170,6 +177,12 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     elif via_values:
         added.extend(("via", value) for value in via_values)
     added.append((ctx.request_id_header, request_id))
+    trace_id = 0
+    if ctx.trace_context:
+        traceparent, trace_id = trace_context(rewritten.get(TRACEPARENT))
+        added.append((TRACEPARENT, traceparent))
+    elif TRACEPARENT in rewritten:
+        added.extend((TRACEPARENT, value) for value in rewritten[TRACEPARENT])
     # The context values were not checked on the way in, so the added fields
     # pass the same checks as received ones.
     kept.extend(_check_str_fields(added)[0])
@@ -177,7 +190,7 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     # An untrusted peer's X-Forwarded-For was discarded, so only the peer counts.
     forwarded_for = rewritten.get("x-forwarded-for", []) if peer_trusted else []
     client_ip = resolve_client_ip(ctx.peer_ip, forwarded_for, ctx.trusted)
-    return UpstreamRequestHeaders(kept, request_id, client_ip, host)
+    return UpstreamRequestHeaders(kept, request_id, client_ip, host, trace_id)
 
 
 def downstream_response_headers(
@@ -192,8 +205,27 @@ def downstream_response_headers(
     gets `via` appended unless `via` is empty. The request id field is
     replaced by `request_id`. No Date is added, because the HTTP server adds it.
     """
-    fields, connection_values = _check_str_fields(upstream)
-    kept, rewritten = _split_fields(fields, _RESPONSE_REWRITTEN, request_id_header)
+    # One pass that filters and sorts the fields (this runs for every
+    # proxied response): kept ones, Via lines, Connection lines. The old
+    # request id lines are dropped, since `request_id` replaces them.
+    kept: list[tuple[str, str]] = []
+    via_lines: list[str] = []
+    connection_values: list[str] = []
+    known_names = _FIELD_NAMES
+    for raw_name, value in upstream:
+        name = known_names.get(raw_name)
+        if name is None:
+            name = _check_field_name(raw_name, raw_name)
+        if not name or not (value.isprintable() or _INVALID_VALUE.search(value) is None):
+            continue
+        if name in HOP_BY_HOP_FIELDS:
+            if name == "connection":
+                connection_values.append(value)
+        elif name == "via":
+            via_lines.append(value)
+        elif name != request_id_header:
+            kept.append((name, value))
+    rewritten = {"via": via_lines} if via_lines else {}
     if connection_values:
         kept = _drop_connection_options(kept, rewritten, connection_values)
 
@@ -301,8 +333,8 @@ def _is_port_suffix(text: str) -> bool:
 
 def _decode_request_fields(downstream: list[tuple[bytes, bytes]]) -> tuple[list[tuple[str, str]], list[str]]:
     """Decode the valid fields except hop-by-hop ones, and collect the Connection values."""
-    # NOTE: pyreqwest 0.15.1 sends str values as UTF-8, so a value with
-    # bytes above 0x7F reaches the upstream re-encoded, not byte for byte.
+    # The proxy encodes the request head as latin-1 again, so a value with
+    # bytes above 0x7F reaches the upstream byte for byte.
     return _filter_fields(downstream, decode=True)
 
 
@@ -315,12 +347,16 @@ def _filter_fields(pairs: Iterable[tuple[Any, Any]], decode: bool) -> tuple[list
     """Drop invalid and hop-by-hop fields; `decode` turns latin-1 bytes into str first."""
     fields: list[tuple[str, str]] = []
     connection_values: list[str] = []
+    known_names = _FIELD_NAMES
     for raw_name, raw_value in pairs:
-        name = _FIELD_NAMES.get(raw_name)
+        name = known_names.get(raw_name)
         if name is None:
             name = _check_field_name(raw_name, raw_name.decode("latin-1") if decode else raw_name)
         value = raw_value.decode("latin-1") if decode else raw_value
-        if not name or not _is_valid_value(value):
+        # isprintable() is a fast pass for the common case. It is also false
+        # for tab and for latin-1 characters from U+0080 up, which the regex
+        # then allows. Inlined, because this loop runs for every field.
+        if not name or not (value.isprintable() or _INVALID_VALUE.search(value) is None):
             continue
 
         if name in HOP_BY_HOP_FIELDS:
@@ -343,12 +379,6 @@ def _check_field_name(raw_name: bytes | str, name: str) -> str:
         _FIELD_NAMES.clear()
     _FIELD_NAMES[raw_name] = checked
     return checked
-
-
-def _is_valid_value(value: str) -> bool:
-    # isprintable() is a fast pass for the common case. It is also false for
-    # tab and for latin-1 characters from U+0080 up, which the regex then allows.
-    return value.isprintable() or _INVALID_VALUE.search(value) is None
 
 
 def _split_fields(
@@ -461,6 +491,10 @@ def _join_list(values: list[str] | None, entry: str) -> str:
 
 
 def _encode_fields(fields: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    try:
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in fields]
+    except UnicodeEncodeError:
+        pass
     encoded: list[tuple[bytes, bytes]] = []
     for name, value in fields:
         try:

@@ -4,26 +4,29 @@ A worker has one UpstreamPool per configured upstream. The pool decides
 which target gets a try: a target must be up in the shared health table
 (written by the master's active checks) and not ejected by this worker's
 passive checks; the balancer picks among those. The pool also owns the
-upstream HTTP client, the retry budget and, for an upstream with a
-`concurrency` section, the worker's side of its adaptive concurrency limit
-(`nexus.concurrency`). Sending requests is `nexus.proxy`'s job.
+keep-alive connections to each target (`nexus.http1_client`), the cap on
+requests in flight (`max_connections`), the retry budget and, for an
+upstream with a `concurrency` section, the worker's side of its adaptive
+concurrency limit (`nexus.concurrency`). Sending requests is
+`nexus.proxy`'s job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
-
-from pyreqwest.client import Client, ClientBuilder
+from urllib.parse import urlsplit
 
 from nexus.balance import TargetState, make_balancer
 from nexus.concurrency import ConcurrencyLimiter
 from nexus.config import Config, Upstream
 from nexus.errors import NoHealthyTarget
+from nexus.http1_client import TargetConnections
 from nexus.shm.concurrency import ConcurrencyTable
 from nexus.shm.health import HealthTable
+from nexus.telemetry import TryCounter
 
 __all__ = ["UpstreamPool", "target_slots"]
 
@@ -67,7 +70,11 @@ class UpstreamPool:
             for i, target in enumerate(spec.target_list())
         ]
         self.balancer = make_balancer(spec.balance, self.targets, hash_balance_factor=spec.hash_balance_factor)
-        self.client: Client | None = None
+        # One TargetConnections per target, by index; made by start() in the worker's loop.
+        self.connections: list[TargetConnections] = []
+        # Requests in flight to this upstream are capped at max_connections;
+        # a request over the cap waits for a slot, within its header timeout.
+        self.slots: asyncio.Semaphore | None = None
         self.in_flight = 0
         self.retries_in_flight = 0
         self._health = health
@@ -79,6 +86,8 @@ class UpstreamPool:
         # treat a slow target and a fast one alike.
         self._unseeded = list(self.targets) if spec.balance == "p2c_ewma" else []
         self.limiter = self._make_limiter(concurrency) if spec.concurrency is not None else None
+        # Counts tries, retries and ejections in the metric slots (nexus.telemetry.TryCounter); set by the gateway.
+        self.tries: TryCounter | None = None
 
     def _make_limiter(self, table: ConcurrencyTable | None) -> ConcurrencyLimiter:
         """Create this worker's limiter and reclaim the slots that a dead predecessor in its slot left taken.
@@ -104,27 +113,19 @@ class UpstreamPool:
         return ConcurrencyLimiter(table, index, self._worker_id, self.spec.concurrency, self.name)
 
     async def start(self) -> None:
-        """Create the HTTP client; must run inside the worker's event loop."""
-        timeouts = self.spec.timeouts
-        builder = (
-            ClientBuilder()
-            .connect_timeout(timedelta(seconds=timeouts.connect))
-            .follow_redirects(False)
-            .gzip(False)
-            .brotli(False)
-            .zstd(False)
-            .deflate(False)
-            .http1_only()
-            .tcp_nodelay(True)
-            .max_connections(self.spec.max_connections)
-            .pool_idle_timeout(timedelta(seconds=60))
-        )
-        self.client = builder.build()
+        """Create the connection pools; must run inside the worker's event loop."""
+        connect_timeout = self.spec.timeouts.connect
+        self.connections = []
+        for target in self.targets:
+            parts = urlsplit(target.url)
+            assert parts.hostname is not None and parts.port is not None  # checked by the config
+            self.connections.append(TargetConnections(parts.hostname, parts.port, connect_timeout))
+        self.slots = asyncio.Semaphore(self.spec.max_connections)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        for connections in self.connections:
+            connections.close()
+        self.connections = []
 
     def candidates(self, exclude: set[int]) -> list[int]:
         """Return the indexes of targets that may take a try now."""
@@ -173,9 +174,17 @@ class UpstreamPool:
 
     def record_success(self, target: TargetState) -> None:
         self._ejections[target.index].consecutive_failures = 0
+        if self.tries is not None:
+            self.tries.succeeded(target.index)
+
+    def record_retry(self) -> None:
+        if self.tries is not None:
+            self.tries.retried()
 
     def record_failure(self, target: TargetState, reason: str) -> None:
         """Count a failed try and eject the target after too many in a row."""
+        if self.tries is not None:
+            self.tries.failed(target.index, reason)
         ejection = self._ejections[target.index]
         ejection.consecutive_failures += 1
         passive = self.spec.passive
@@ -183,6 +192,8 @@ class UpstreamPool:
             return
         ejection.consecutive_failures = 0
         ejection.ejected_until = time.monotonic() + passive.eject_for
+        if self.tries is not None:
+            self.tries.ejected(target.index)
         log.warning(
             "ejected target worker=%d upstream=%s target=%s reason=%s eject_for_s=%.3f",
             self._worker_id,

@@ -8,11 +8,14 @@ started when the test ends, with SIGKILL if SIGTERM is not enough.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ NEXUS = [sys.executable, "-m", "nexus"]
 
 _LISTEN_LINE = re.compile(r"listening address=(\S+)")
 _SERVING_LINE = re.compile(r"worker serving worker=(\d+) pid=(\d+)")
+_MASTER_LINE = re.compile(r"(?:master started|new master started|taking over from master) pid=(\d+)")
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Gateway:
 
     process: subprocess.Popen
     log_path: Path
+    config_path: Path | None = None
     addresses: list[str] = field(default_factory=list)
     worker_pids: dict[int, int] = field(default_factory=dict)
 
@@ -89,6 +94,15 @@ class Gateway:
         for match in _SERVING_LINE.finditer(self.log()):
             pids[int(match.group(1))] = int(match.group(2))
         return pids
+
+    def master_pids(self) -> list[int]:
+        """Every master pid the log names: the first one and each that an upgrade started."""
+        return [int(pid) for pid in _MASTER_LINE.findall(self.log())]
+
+    def all_pids(self) -> set[int]:
+        """Every master and worker pid the log names, whether running or not."""
+        workers = {int(match.group(2)) for match in _SERVING_LINE.finditer(self.log())}
+        return workers | set(self.master_pids())
 
     def stop(self, timeout: float = 15.0) -> int:
         """Send SIGTERM and return the master's exit status."""
@@ -112,13 +126,45 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, message: str = "
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
 
 
+# A top-level `admin:` key in a test's config; the test then chose its own.
+_ADMIN_SECTION = re.compile(r"^admin\s*:", re.MULTILINE)
+# sun_path holds 108 bytes with its terminating NUL on Linux.
+_MAX_UNIX_PATH = 107
+
+
+def admin_socket_dir(tmp_path: Path) -> Path:
+    """Return the directory for a test's admin sockets: `tmp_path`, or a short one.
+
+    A long test name can make a path under `tmp_path` too long for a Unix
+    socket; then the sockets go in a new short directory under the system
+    temp dir, which the caller removes.
+    """
+    if len(str(tmp_path / "admin-99.sock").encode()) <= _MAX_UNIX_PATH:
+        return tmp_path
+    return Path(tempfile.mkdtemp(prefix="nexus-admin-"))
+
+
+def with_test_admin(config_yaml: str, socket_path: str) -> str:
+    """Give a test gateway its own admin socket and no metrics listener.
+
+    Tests run in parallel, so none may share the default admin socket
+    (/run/nexus/admin.sock) or the default metrics port 9901. A config that
+    has its own `admin:` section is left as it is.
+    """
+    if _ADMIN_SECTION.search(config_yaml):
+        return config_yaml
+    separator = "" if not config_yaml or config_yaml.endswith("\n") else "\n"
+    return f"{config_yaml}{separator}admin: {{socket: {json.dumps(socket_path)}, metrics: null}}\n"
+
+
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator:
     started: list[Gateway] = []
+    socket_dir = admin_socket_dir(tmp_path)
 
-    def start(config_yaml: str, workers: int = 2, expect_ready: bool = True) -> Gateway:
+    def start(config_yaml: str, workers: int = 2, expect_ready: bool = True, env: dict[str, str] | None = None) -> Gateway:
         config_path = tmp_path / f"nexus-{len(started)}.yaml"
-        config_path.write_text(config_yaml)
+        config_path.write_text(with_test_admin(config_yaml, str(socket_dir / f"admin-{len(started)}.sock")))
         log_path = tmp_path / f"nexus-{len(started)}.log"
         log_file = open(log_path, "wb")
         process = subprocess.Popen(
@@ -126,8 +172,9 @@ def gateway_factory(tmp_path: Path) -> Iterator:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env={**os.environ, **env} if env else None,
         )
-        gateway = Gateway(process, log_path)
+        gateway = Gateway(process, log_path, config_path=config_path)
         started.append(gateway)
         if expect_ready:
             _wait_ready(gateway, workers)
@@ -138,12 +185,25 @@ def gateway_factory(tmp_path: Path) -> Iterator:
         if gateway.process.poll() is None:
             gateway.process.kill()
             gateway.process.wait(5)
-        # Workers of a SIGKILLed master must not outlive the test.
-        for pid in gateway.serving_pids().values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Workers of a SIGKILLed master, and masters that an upgrade
+        # started, must not outlive the test.
+        for pid in gateway.all_pids():
+            if _is_nexus(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    if socket_dir != tmp_path:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _is_nexus(pid: int) -> bool:
+    """Whether `pid` runs Nexus (a pid from an old log line may have been reused by now)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return b"nexus" in file.read()
+    except OSError:
+        return False
 
 
 def _wait_ready(gateway: Gateway, workers: int, timeout: float = 20.0) -> None:

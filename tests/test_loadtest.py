@@ -266,8 +266,10 @@ print(json.dumps({
 """
 
 
-def test_locust_shape_stage_sequence():
+def run_shape(**settings: str) -> dict:
+    """Load loadtest/locustfile.py with locust's loader in a child, with only `settings` as LOADTEST_* variables."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("LOADTEST_")}
+    environment.update(settings)
     completed = subprocess.run(
         [sys.executable, "-c", _SHAPE_SCRIPT, str(ROOT / "loadtest" / "locustfile.py")],
         check=False,
@@ -278,7 +280,27 @@ def test_locust_shape_stage_sequence():
         cwd=ROOT,
     )
     assert completed.returncode == 0, completed.stderr
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_loadtest(tmp_path: Path, arguments: list[str], settings: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `python -m loadtest.run` with short LOADTEST_* `settings`; return the process and its results directory."""
+    results = tmp_path / "results"
+    completed = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", "--results-dir", str(results), "--concurrency", "5", *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, **settings},
+        cwd=ROOT,
+    )
+    assert completed.returncode in (0, 2), completed.stdout + completed.stderr
+    return completed, results
+
+
+def test_locust_shape_stage_sequence():
+    result = run_shape()
 
     assert result["users"] == {"AnonymousUser": 35, "FreeUser": 35, "ProUser": 20, "CriticalUser": 10}
     assert result["shapes"] == ["SpikeShape"]
@@ -298,25 +320,9 @@ def test_locust_shape_stage_sequence():
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_loadtest_run_short_spike(tmp_path):
-    environment = {
-        **os.environ,
-        "LOADTEST_BASELINE_SECONDS": "2",
-        "LOADTEST_SPIKE_SECONDS": "3",
-        "LOADTEST_RECOVERY_SECONDS": "2",
-    }
-    results = tmp_path / "results"
-    completed = subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--results-dir", str(results), "--concurrency", "5"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=environment,
-        cwd=ROOT,
-    )
-
-    assert completed.returncode in (0, 2), completed.stdout + completed.stderr
-    for name in ("locust_stats.csv", "traffic.json", "upstream_stats.json", "nexus.log", "upstream.log"):
+    settings = {"LOADTEST_BASELINE_SECONDS": "2", "LOADTEST_SPIKE_SECONDS": "3", "LOADTEST_RECOVERY_SECONDS": "2"}
+    completed, results = run_loadtest(tmp_path, [], settings)
+    for name in ("locust_stats.csv", "locust.html", "traffic.json", "upstream_stats.json", "nexus.log", "access.log"):
         assert (results / name).exists(), name
     report = json.loads((results / "traffic.json").read_text())
     assert [name for name, _ in report["transitions"]] == ["baseline", "spike", "recovery"]
@@ -324,3 +330,69 @@ def test_loadtest_run_short_spike(tmp_path):
     assert int(spike.get("200", 0)) > 0
     assert int(spike.get("503", 0)) > 0, "a 10x spike above capacity should be shed"
     assert "upstream completed/s" in completed.stdout
+
+
+def test_zipf_mix_is_cache_heavy():
+    rng = random.Random(11)
+    requests = [traffic.pick_zipf_request(client, rng) for client in ("free", "anonymous") for _ in range(3000)]
+    items = [int(request.path.rsplit("/", 1)[1]) for request in requests if request.path.startswith("/api/catalog/items/")]
+    assert all(0 <= item < traffic.ITEM_IDS for item in items)
+    # Zipf with exponent 1.1: the 100 most popular of 10,000 items take more than half the item reads.
+    assert sum(item < 100 for item in items) / len(items) > 0.5
+    cacheable = sum(request.method == "GET" and request.path.startswith("/api/catalog") for request in requests)
+    assert cacheable / len(requests) > 0.85
+    anonymous = requests[3000:]
+    assert all(not request.path.startswith("/api/orders") for request in anonymous)
+
+
+def test_capacity_upstream_marks_catalog_reads_cacheable(start_upstream):
+    upstream = start_upstream(concurrency=2, service_ms=1)
+
+    async def both():
+        started = time.monotonic()
+        return await _get(upstream.port, "/catalog/items/1", started), await _get(upstream.port, "/orders/1", started)
+
+    (status, _, catalog), (_, _, orders) = asyncio.run(both())
+    assert status == 200
+    assert catalog["cache-control"] == "public, max-age=30"
+    assert orders["cache-control"] == "no-store"
+
+
+def test_gateway_config_caches_only_for_zipf(tmp_path):
+    plain = yaml_routes(render_config("http://127.0.0.1:9100"))
+    cached = yaml_routes(render_config("http://127.0.0.1:9100", cache=True))
+    assert all("cache" not in route for route in plain)
+    assert [route["name"] for route in cached if "cache" in route] == ["catalog"]
+    path = tmp_path / "nexus.yaml"
+    path.write_text(render_config("http://127.0.0.1:9100", cache=True, observability={"access_log": {"path": "-"}}))
+    assert load_config(path).access_log.path == "-"
+
+
+def yaml_routes(text: str) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(text)["routes"]
+
+
+@pytest.mark.parametrize("workload", ["steady", "zipf"])
+def test_locust_steady_shape(workload):
+    result = run_shape(LOADTEST_WORKLOAD=workload, LOADTEST_DURATION_SECONDS="30", LOADTEST_RATE_RPS="40")
+    assert result["shapes"] == ["SteadyShape"]
+    assert result["transitions"] == [workload]
+    for now, tick in result["ticks"]:
+        assert tick == ([40, 40.0] if now < 30 else None), f"tick at {now} s"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_loadtest_run_short_zipf(tmp_path):
+    settings = {"LOADTEST_DURATION_SECONDS": "4", "LOADTEST_RATE_RPS": "60"}
+    _completed, results = run_loadtest(tmp_path, ["--workload", "zipf"], settings)
+    for name in ("locust_stats.csv", "locust.html", "traffic.json", "metrics.txt", "usage.json", "access.log"):
+        assert (results / name).exists(), name
+    report = json.loads((results / "traffic.json").read_text())
+    assert report["workload"] == "zipf"
+    assert report["cache_status"].get("hit", 0) > 0, "popular items should be answered from the cache"
+    usage = json.loads((results / "usage.json").read_text())
+    assert {row["name"] for row in usage["consumers"]} >= {"load-free", "load-pro", "load-critical", "(anonymous)"}
+    assert "nexus_cache_requests_total" in (results / "metrics.txt").read_text()

@@ -104,7 +104,7 @@ def test_shared_state_handed_to_a_new_process_by_file_descriptor(tmp_path):
     state.health.set_up(0, False)
     state.gcra.acquire(1234, 100_000, 100_000, now_us=5_000_000)
     state.rings[1].push(7, 8, 9)
-    state.metrics.for_worker(1).inc(layout.counter(("requests", "r", "2xx")), 3)
+    state.metrics.for_worker(1).inc(layout.counter(("requests", "r", "safe", "2xx")), 3)
     assert state.cache.put(b"GET /a", b"meta", b"body", ttl_us=60_000_000)
     fds = state.fds()
 
@@ -124,7 +124,7 @@ print(json.dumps({{
     "up": state.health.is_up(0),
     "second_decision": state.gcra.acquire(1234, 100_000, 100_000, now_us=5_000_000).outcome,
     "ring": state.rings[1].drain(),
-    "requests": state.metrics.total(("requests", "r", "2xx")),
+    "requests": state.metrics.total(("requests", "r", "safe", "2xx")),
     "cached": state.cache.get(b"GET /a").body.decode(),
 }}))
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 from nexus.config.checks import parse_listen_address
 from nexus.config.loader import load_config, parse_config
 from nexus.config.model import (
+    AccessLog,
     Admin,
     ApiKeys,
     Concurrency,
@@ -49,6 +50,7 @@ from nexus.config.model import (
 )
 
 __all__ = [
+    "AccessLog",
     "Admin",
     "ApiKeys",
     "Concurrency",

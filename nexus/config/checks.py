@@ -8,6 +8,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from nexus.cache.config_checks import check_cache
 from nexus.config.access_checks import check_access, check_redis
 from nexus.config.decode import _key_path
 from nexus.config.model import (
@@ -33,7 +34,9 @@ def _validate(config: Config) -> None:
     """Run the checks on single values that types cannot express, and those that span sections."""
     _check_listen(config.listen)
     _check_workers(config.workers)
+    _check_positive("reload_timeout", config.reload_timeout)
     _check_admin(config.admin)
+    _check_access_log(config.access_log.path)
     _check_limits(config.limits)
     _check_shared_memory(config.shared_memory)
     _check_trusted_proxies(config.trusted_proxies)
@@ -44,6 +47,7 @@ def _validate(config: Config) -> None:
         _check_upstream(where, upstream)
     _check_routes(config)
     check_access(config, _check_name, _check_header_name)
+    check_cache(config, _check_header_name)
     check_redis(config)
 
 
@@ -65,9 +69,19 @@ def _check_listen(listen: list[str]) -> None:
         seen[key] = i
 
 
+def _check_access_log(path: str | None) -> None:
+    if path is not None and not path.strip():
+        raise ConfigError('access_log.path: empty path: give a file path, "-" for stderr, or null for no access log')
+
+
 def _check_admin(admin: Admin) -> None:
     if admin.socket is not None and not admin.socket.strip():
         raise ConfigError('admin.socket: empty path: give a Unix socket path, such as "/run/nexus/admin.sock", or null')
+    if isinstance(admin.socket_mode, int):
+        raise ConfigError(
+            f"admin.socket_mode: invalid value {admin.socket_mode}: YAML reads an unquoted mode as a number "
+            '(0660 as 432); write the octal bits as a quoted string, such as "0660"'
+        )
     if not re.fullmatch(r"0?[0-7]{3}", admin.socket_mode):
         raise ConfigError(
             f"admin.socket_mode: invalid mode {show_value(admin.socket_mode)}: "

@@ -193,6 +193,35 @@ class Policy(_Section):
     dry_run: bool = False
 
 
+# Statuses a route stores by default: the heuristically cacheable ones of
+# RFC 9110 section 15.1 except 206, because Nexus does not combine ranges.
+CACHEABLE_STATUSES = (200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501)
+
+
+class CacheKey(_Section):
+    """What the cache key of a route's responses is made of, besides host and path."""
+
+    # "all", "none", or the list of query parameter names that are part of the key.
+    query: Literal["all", "none"] | list[str] = "all"
+    headers: list[str] = msgspec.field(default_factory=list)
+    consumer: bool = False
+
+
+class RouteCache(_Section):
+    """The response cache of one route (RFC 9111, shared cache)."""
+
+    enabled: bool = True
+    key: CacheKey = msgspec.field(default_factory=CacheKey)
+    default_ttl: Duration | None = None
+    max_ttl: Duration | None = None
+    max_object: Size | None = None
+    statuses: list[int] = msgspec.field(default_factory=lambda: list(CACHEABLE_STATUSES))
+    stale_while_revalidate: Duration = Duration(0.0)
+    stale_if_error: Duration = Duration(0.0)
+    coalesce: bool = True
+    coalesce_timeout: Duration = Duration(5.0)
+
+
 Auth = Literal["none", "api_key", "optional"]
 
 
@@ -207,6 +236,7 @@ class Route(_Section):
     auth: Auth = "none"
     rate_limit: RouteRateLimit | None = None
     policies: list[Policy] = msgspec.field(default_factory=list)
+    cache: RouteCache | None = None
 
 
 class Limits(_Section):
@@ -254,6 +284,17 @@ class Redis(_Section):
     node_id: str | None = None
 
 
+class Cache(_Section):
+    """Node-wide settings of the response cache; routes turn it on with their own `cache` section."""
+
+    # Keep responses in Redis too (the `redis` section): an L1 miss that hits there skips the upstream.
+    l2: bool = False
+    l2_write_queue: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
+    # Entries the Redis Stream of purges keeps (MAXLEN ~); a node away for more purges clears its cache.
+    purge_stream_length: Annotated[int, msgspec.Meta(ge=100, le=1 << 24)] = 10000
+    tag_headers: list[str] = msgspec.field(default_factory=lambda: ["surrogate-key", "cache-tag"])
+
+
 class SharedMemory(_Section):
     """Sizes of the node's shared-memory tables, fixed when the master starts."""
 
@@ -270,12 +311,25 @@ class Admin(_Section):
     # A Unix socket path; null means $RUNTIME_DIRECTORY/admin.sock under
     # systemd, else /run/nexus/admin.sock.
     socket: str | None = None
-    # Octal permission bits of the socket, as a string such as "0660".
-    socket_mode: str = "0600"
+    # Octal permission bits of the socket, as a string such as "0660". An
+    # int is decoded only so that checks.py can reject a bare YAML number
+    # with a message about quoting it.
+    socket_mode: str | int = "0600"
     # The group that owns the socket, for operators outside the service user.
     socket_group: str | None = None
     # host:port of the /metrics HTTP listener; null turns it off.
     metrics: str | None = "127.0.0.1:9901"
+
+
+class AccessLog(_Section):
+    """The access log: one JSON line per request, written by the master from the workers' rings."""
+
+    # A file path, "-" for stderr, or null for no access log.
+    path: str | None = None
+    # Share of the requests logged; responses of status 500 and above are
+    # all logged while always_log_errors is true.
+    sample: Ratio = Ratio(1.0)
+    always_log_errors: bool = True
 
 
 class Config(_Section):
@@ -284,6 +338,7 @@ class Config(_Section):
     listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:8080", "[::]:8080"])
     workers: int | Literal["auto"] = "auto"
     shutdown_timeout: Duration = Duration(30.0)
+    reload_timeout: Duration = Duration(30.0)
     admin: Admin = msgspec.field(default_factory=Admin)
     limits: Limits = msgspec.field(default_factory=Limits)
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
@@ -295,6 +350,11 @@ class Config(_Section):
     consumers: dict[str, Consumer] = msgspec.field(default_factory=dict)
     redis: Redis | None = None
     shared_memory: SharedMemory = msgspec.field(default_factory=SharedMemory)
+    access_log: AccessLog = msgspec.field(default_factory=AccessLog)
+    # Whether workers send a record of every request to the master, for
+    # per-consumer usage (GET /usage, nexusctl top); the access log needs them too.
+    usage: bool = True
+    cache: Cache = msgspec.field(default_factory=Cache)
 
     def worker_count(self) -> int:
         """Return the number of workers: one per usable CPU for `auto`."""

@@ -45,7 +45,8 @@ from the start of the segment. All words are 64-bit little-endian.
         152  entries           live index entries (expired ones count until removed)
         160  bytes_used        sum of the record sizes of those entries, headers included
         168  max_entries       the max_entries given to create(), for attach()
-        176  (reserved, 2 words)
+        176  state_offset      byte offset of the fill and tag tables (`nexus.shm.cache_state`), after the arena
+        184  (reserved)
     Counters, line 2 (192): added to with fetch-add, never reset
         192  evictions         live unexpired entries removed to make room
         200  expired           expired entries removed
@@ -71,6 +72,9 @@ from the start of the segment. All words are 64-bit little-endian.
         6  expires_at   CLOCK_REALTIME microseconds
         then the key, meta and body bytes, zero-padded to a multiple of 8
 
+The fill slots and tag purge times of `nexus.shm.cache_state` follow the
+arena at state_offset, in the same segment.
+
 Log positions only grow (a 64-bit byte count), so head - tail is the number of
 bytes the log occupies, at most capacity_bytes. A record never crosses the end
 of the arena: when it does not fit, the writer pads to the end and starts
@@ -83,6 +87,7 @@ import os
 from collections.abc import Iterator
 
 from nexus.shm import _native
+from nexus.shm.cache_state import CacheState, state_bytes
 from nexus.shm.segment import HEADER_BYTES, Segment, SegmentError
 
 __all__ = ["CacheStore", "Entry"]
@@ -97,7 +102,11 @@ MAX_OBJECT_LIMIT = 2**32 - 1
 
 # Word numbers of the cache header, counted from the start of the segment.
 _SETS, _WAYS, _CAPACITY, _MAX_OBJECT, _INDEX_OFFSET, _REFS_OFFSET, _ARENA_OFFSET, _HASH_SEED = range(8, 16)
-_LOCK, _HEAD, _TAIL, _ENTRIES, _BYTES_USED, _MAX_ENTRIES = range(16, 22)
+_LOCK, _HEAD, _TAIL, _ENTRIES, _BYTES_USED, _MAX_ENTRIES, _STATE_OFFSET = range(16, 23)
+
+# Coalescing fill slots and tag purge buckets (`nexus.shm.cache_state`).
+FILL_SLOTS = 4096
+TAG_BUCKETS = 65536
 _COUNTERS = {
     "evictions": 24,
     "expired": 25,
@@ -136,6 +145,7 @@ class CacheStore:
         self.capacity_bytes = words[_CAPACITY]
         self.max_object_bytes = words[_MAX_OBJECT]
         self.max_entries = words[_MAX_ENTRIES]
+        self.state = CacheState(segment, words[_STATE_OFFSET])
 
     @classmethod
     def create(cls, capacity_bytes: int, max_entries: int, max_object_bytes: int) -> CacheStore:
@@ -162,7 +172,10 @@ class CacheStore:
         min_sets = -(-2 * max_entries // WAYS)
         sets = 1 << (min_sets - 1).bit_length()
         refs_offset, arena_offset = _geometry(sets)
-        segment = Segment.create(cls.KIND, cls.LAYOUT, arena_offset + capacity_bytes - HEADER_BYTES)
+        state_offset = arena_offset + capacity_bytes
+        total = state_offset + state_bytes(FILL_SLOTS, TAG_BUCKETS)
+        segment = Segment.create(cls.KIND, cls.LAYOUT, total - HEADER_BYTES)
+        CacheState.initialise(segment, state_offset, FILL_SLOTS, TAG_BUCKETS)
 
         words = segment.words
         words[_SETS] = sets
@@ -174,6 +187,7 @@ class CacheStore:
         words[_ARENA_OFFSET] = arena_offset
         words[_HASH_SEED] = int.from_bytes(os.urandom(8), "little")
         words[_MAX_ENTRIES] = max_entries
+        words[_STATE_OFFSET] = state_offset
         return cls(segment)
 
     @classmethod
@@ -198,6 +212,8 @@ class CacheStore:
             and words[_CAPACITY] % 8 == 0
             and arena_offset + words[_CAPACITY] <= len(segment.mapping)
             and _round_up(RECORD_HEADER_BYTES + words[_MAX_OBJECT], 8) <= words[_CAPACITY]
+            and words[_STATE_OFFSET] == arena_offset + words[_CAPACITY]
+            and words[_STATE_OFFSET] + state_bytes(FILL_SLOTS, TAG_BUCKETS) <= len(segment.mapping)
         )
         if not valid:
             raise SegmentError(
@@ -209,6 +225,10 @@ class CacheStore:
     @property
     def fd(self) -> int:
         return self.segment.fd
+
+    def hash_key(self, key: bytes) -> int:
+        """Return the 64-bit hash the store uses for `key` in this segment."""
+        return _native.cache_hash(self._region, key)
 
     def get(self, key: bytes) -> Entry | None:
         """Return a copy of the live entry for `key`, or None (missing, expired or being written)."""

@@ -3,6 +3,17 @@
 The master creates all segments before it forks any worker, so workers
 inherit the mappings. Each segment is a memfd whose file descriptor `fds()`
 lists by name, ready to be handed to a new master process.
+
+A config reload gives the new worker generation a SharedState of its own
+(`renew`). The tables whose contents must survive a reload (rate limits,
+quotas, the cache) are always the same segments. The tables whose geometry
+follows the config are kept when the new config fits them and created anew
+when it does not: the health table (one slot per upstream target), the
+concurrency table (one row per upstream), the metric slots (one word per
+counter of the metric layout) and the per-worker tables (worker table,
+rings). Per-worker tables hold two banks of slots, one per generation that
+may run at once, so the new generation boots in one bank while the old one
+drains in the other.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from nexus.shm.ratelimit import GcraTable, QuotaTable
 from nexus.shm.ring import RingSet
 from nexus.shm.workers import WorkerTable
 
-__all__ = ["SharedState"]
+__all__ = ["SharedState", "table_shape", "worker_slot_capacity"]
 
 _TABLES = ("health", "workers", "gcra", "quotas", "rings", "metrics", "cache", "concurrency")
 
@@ -43,20 +54,50 @@ class SharedState:
         order, so an upstream's position there is its row index.
         """
         sizes = config.shared_memory
-        total_targets = sum(len(upstream.targets) for upstream in config.upstreams.values())
-        limits = [
-            (name, None if upstream.concurrency is None else upstream.concurrency.initial_limit)
-            for name, upstream in config.upstreams.items()
-        ]
         return cls(
-            health=HealthTable.create(total_targets),
+            health=HealthTable.create(len(table_shape(config)["targets"])),
             workers=WorkerTable.create(worker_slots),
             gcra=GcraTable.create(sizes.rate_limit_keys),
             quotas=QuotaTable.create(sizes.rate_limit_keys),
             rings=RingSet.create(worker_slots, sizes.event_ring_records),
             metrics=MetricSlots.create(layout, worker_slots),
             cache=CacheStore.create(sizes.cache_size, sizes.cache_entries, sizes.cache_max_object),
-            concurrency=ConcurrencyTable.create(limits, worker_slots),
+            concurrency=_create_concurrency(config, worker_slots),
+        )
+
+    @classmethod
+    def create_for(cls, config: Config, layout: MetricLayout) -> SharedState:
+        """Create every table for `config` with two banks of worker slots."""
+        return cls.create(config, worker_slot_capacity(config.worker_count()), layout)
+
+    def renew(self, previous: dict[str, list], config: Config, layout: MetricLayout) -> SharedState:
+        """Return the tables for a new generation running `config`, reusing those that fit.
+
+        `self` holds the tables made for `previous` (a `table_shape`). Rate
+        limits, quotas and the cache are always these same segments (the
+        caller warns when `config.shared_memory` asks for other sizes, which
+        only a restart applies). The config-shaped tables are reused when
+        `config` fits them and created anew when it does not.
+        """
+        slots = self.workers.slots
+        # Reuse the per-worker tables only while a bank holds the new generation.
+        keep_slots = config.worker_count() <= slots // 2
+        if not keep_slots:
+            slots = worker_slot_capacity(config.worker_count())
+
+        shape = table_shape(config)
+        health = self.health if previous["targets"] == shape["targets"] else HealthTable.create(len(shape["targets"]))
+        same_rows = previous["upstreams"] == shape["upstreams"]
+        same_layout = self.metrics.layout.fingerprint() == layout.fingerprint()
+        return SharedState(
+            health=health,
+            workers=self.workers if keep_slots else WorkerTable.create(slots),
+            gcra=self.gcra,
+            quotas=self.quotas,
+            rings=self.rings if keep_slots else RingSet.create(slots, config.shared_memory.event_ring_records),
+            metrics=self.metrics if keep_slots and same_layout else MetricSlots.create(layout, slots),
+            cache=self.cache,
+            concurrency=self.concurrency if keep_slots and same_rows else _create_concurrency(config, slots),
         )
 
     @classmethod
@@ -104,3 +145,29 @@ class SharedState:
     def close(self) -> None:
         for table in self.tables().values():
             table.segment.close()
+
+
+def worker_slot_capacity(workers: int) -> int:
+    """Slots of the per-worker tables for `workers` workers: two banks, for two generations."""
+    return 2 * workers
+
+
+def table_shape(config: Config) -> dict[str, list]:
+    """What the config-shaped tables are made for, as JSON (it travels to a new master on upgrade).
+
+    `targets` lists every [upstream, target URL] in health-table slot order
+    (`nexus.upstream.target_slots`); `upstreams` the concurrency rows in order.
+    """
+    return {
+        "targets": [[name, target.url] for name, upstream in config.upstreams.items() for target in upstream.target_list()],
+        "upstreams": list(config.upstreams),
+    }
+
+
+def _create_concurrency(config: Config, worker_slots: int) -> ConcurrencyTable:
+    """Create the concurrency table: one row per upstream, in `config.upstreams` order."""
+    limits = [
+        (name, None if upstream.concurrency is None else upstream.concurrency.initial_limit)
+        for name, upstream in config.upstreams.items()
+    ]
+    return ConcurrencyTable.create(limits, worker_slots)

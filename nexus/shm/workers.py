@@ -23,6 +23,7 @@ from nexus.shm.segment import SlotTable
 
 __all__ = ["WorkerState", "WorkerTable"]
 
+
 class WorkerState(enum.IntEnum):
     """Lifecycle state of a worker process, as recorded in the worker table."""
 
@@ -52,6 +53,19 @@ class WorkerTable(SlotTable):
         self._words[self._offset(slot, 1)] = generation
         self._words[self._offset(slot, 4)] = cpu
         self._words[self._offset(slot, 6)] = started_ns
+
+    def pid(self, slot: int) -> int:
+        return self._words[self._offset(slot, 0)]
+
+    def set_pid(self, slot: int, pid: int) -> None:
+        """Record the forked worker's pid (master side, after `reset`)."""
+        self._words[self._offset(slot, 0)] = pid
+
+    def generation(self, slot: int) -> int:
+        return self._words[self._offset(slot, 1)]
+
+    def started_ns(self, slot: int) -> int:
+        return self._words[self._offset(slot, 6)]
 
     def set_state(self, slot: int, state: WorkerState) -> None:
         self._words[self._offset(slot, 2)] = state

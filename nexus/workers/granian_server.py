@@ -51,12 +51,14 @@ def serve(
     listen_fds: list[int],
     settings: ServerSettings,
     loop: asyncio.AbstractEventLoop,
-    on_shutdown: Callable[[], None],
+    on_drain: Callable[[], None],
 ) -> None:
     """Serve `app` on every socket in `listen_fds` until SIGTERM or SIGINT.
 
-    `on_shutdown` is called once, in the loop, when the stop signal arrives.
-    granian then stops accepting and finishes the requests in flight, and
+    `on_drain` is called in the loop on SIGUSR1, which leaves granian
+    accepting, and again when the stop signal arrives (so it must do its
+    work once). On the stop signal granian stops accepting and finishes the
+    requests in flight, and
     this function returns when all of them are done. granian sets no deadline
     on that drain, so the master kills a worker that takes longer than its own.
     """
@@ -74,7 +76,7 @@ def serve(
         if stopping:
             return
         stopping = True
-        on_shutdown()
+        on_drain()
         for stop_signal in stop_signals:
             stop_signal.set()
 
@@ -86,6 +88,7 @@ def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
+    loop.add_signal_handler(signal.SIGUSR1, on_drain)
 
     callback = _future_watcher_wrapper(_asgi_runner(app))
     for fd, stop_signal in zip(listen_fds, stop_signals):

@@ -4,6 +4,12 @@
 inherited from the master, builds the gateway, serves until SIGTERM or
 SIGINT, and leaves with `os._exit` so no master code runs in the child.
 
+Signals from the master: SIGUSR1 starts the drain while the worker still
+accepts (every response then carries `Connection: close`, so keep-alive
+downstreams leave before the worker stops); SIGTERM stops accepting,
+finishes the requests in flight and exits. A reload sends SIGUSR1, then
+SIGTERM a moment later (`nexus.master`).
+
 Exit statuses are a protocol with the master (`nexus.workers.exitcodes`).
 A worker exits 0 after a clean drain. It exits BOOT_ERROR when it could not
 start, for example on a config it cannot use or a dependency that fails to
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -85,14 +92,16 @@ def _run(spec: WorkerSpec) -> int:
         header_read_timeout_ms=int(spec.config.limits.header_timeout * 1000),
     )
 
-    def on_shutdown() -> None:
+    def on_drain() -> None:
+        if gateway.draining:
+            return
         spec.shared.workers.set_state(spec.slot, WorkerState.DRAINING)
         gateway.begin_drain()
-        log.info("worker draining worker=%d pid=%d", spec.slot, pid)
+        log.info("worker draining worker=%d pid=%d generation=%d", spec.slot, pid, spec.generation)
 
     spec.shared.workers.set_state(spec.slot, WorkerState.SERVING)
     log.info("worker serving worker=%d pid=%d cpu=%s generation=%d", spec.slot, pid, spec.cpu, spec.generation)
-    serve(gateway, spec.listen_fds, settings, loop, on_shutdown)
+    serve(gateway, spec.listen_fds, settings, loop, on_drain)
 
     heartbeat.stop()
     loop.run_until_complete(gateway.shutdown())
@@ -103,8 +112,11 @@ def _run(spec: WorkerSpec) -> int:
 
 def _reset_process(spec: WorkerSpec) -> None:
     """Undo what the child inherited from the master and pin its CPU."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
+    # A drain request that arrives while the worker boots must not kill it
+    # (the default action of SIGUSR1); SIGTERM follows it anyway.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     for fd in spec.master_fds:
         try:
@@ -135,6 +147,10 @@ def _boot(spec: WorkerSpec) -> tuple[asyncio.AbstractEventLoop, Gateway]:
     asyncio.set_event_loop(loop)
     gateway = Gateway(spec.config, spec.shared, spec.metric_layout, spec.slot)
     loop.run_until_complete(gateway.startup())
+    # What exists now (modules, config, tables) lives as long as the worker.
+    # Frozen, these tens of thousands of objects are no longer walked in
+    # every full collection.
+    gc.freeze()
     return loop, gateway
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -189,6 +190,153 @@ class SteadyClient:
         raise AssertionError("unreachable")
 
 
+@dataclass
+class LoadRecord:
+    """One request of a LoadClient as the downstream saw it."""
+
+    method: str
+    keep_alive: bool  # sent on a connection kept open across requests
+    started: float  # time.monotonic()
+    finished: float  # time.monotonic()
+    status: int | None  # None when the request failed
+    first_error: str | None  # the error of the first attempt, if it failed
+    final_error: str | None  # the error that failed the request (after the retry, for GET)
+
+    @property
+    def failed(self) -> bool:
+        return self.final_error is not None
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.started
+
+
+# Body of each POST of a LoadClient; the upstream's /upload returns its length.
+POST_BODY = b"p" * 2048
+
+
+@dataclass
+class LoadClient:
+    """Keeps `concurrency` requests in flight against `address` from as many threads.
+
+    Even-numbered threads keep one connection open across requests, odd ones
+    open a new connection per request, and each thread alternates GET /echo
+    and POST /upload with a 2 KiB body. A request whose connection is reset
+    or closed before a response is retried once on a new connection, as an
+    HTTP client may do for an idempotent request (RFC 9110 section 9.2.2):
+    GET is idempotent, and each POST carries an Idempotency-Key header,
+    which makes it one a client may replay (Go's net/http replays such
+    requests too). `records` keeps every request, and `first_error` shows
+    the raw resets the retry hid. Threads stop at `stop()` or after
+    `max_seconds`.
+    """
+
+    address: str
+    concurrency: int = 4
+    timeout: float = 10.0
+    max_seconds: float = 120.0
+    records: list[LoadRecord] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> LoadClient:
+        for index in range(self.concurrency):
+            thread = threading.Thread(target=self._run, args=(index % 2 == 0,), name=f"load-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> list[LoadRecord]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout * 2 + 1)
+        return self.records
+
+    def __enter__(self) -> LoadClient:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self, keep_alive: bool) -> None:
+        host, port = host_port(self.address)
+        connection: http.client.HTTPConnection | None = None
+        deadline = time.monotonic() + self.max_seconds
+        methods = ("GET", "POST")
+        turn = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if connection is None:
+                connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            method = methods[turn % 2]
+            turn += 1
+            record, reusable = self._request(connection, method, keep_alive)
+            self.records.append(record)
+            if not (keep_alive and reusable):
+                connection.close()
+                connection = None
+        if connection is not None:
+            connection.close()
+
+    def _request(self, connection: http.client.HTTPConnection, method: str, keep_alive: bool) -> tuple[LoadRecord, bool]:
+        """Send one request (and for GET one retry); return its record and whether the connection stays usable."""
+        started = time.monotonic()
+        first_error = None
+        for attempt in range(2):
+            try:
+                status, reusable = _exchange(connection, method)
+                return LoadRecord(method, keep_alive, started, time.monotonic(), status, first_error, None), reusable
+            except CONNECTION_ERRORS as exc:
+                connection.close()
+                if attempt == 1:
+                    error = repr(exc)
+                    return LoadRecord(method, keep_alive, started, time.monotonic(), None, first_error or error, error), False
+                first_error = repr(exc)
+        raise AssertionError("unreachable")
+
+
+def _exchange(connection: http.client.HTTPConnection, method: str) -> tuple[int, bool]:
+    """Send one request on `connection`; return the status and whether the server keeps the connection."""
+    if method == "GET":
+        connection.request("GET", "/echo")
+    else:
+        connection.request("POST", "/upload", body=POST_BODY, headers={"Idempotency-Key": uuid.uuid4().hex})
+    response = connection.getresponse()
+    body = response.read()
+    if method == "POST" and response.status == 200 and body != str(len(POST_BODY)).encode():
+        raise AssertionError(f"POST /upload answered {body!r}, expected the body length {len(POST_BODY)}")
+    return response.status, not response.will_close
+
+
+def describe_load(records: list[LoadRecord]) -> str:
+    """Describe LoadClient records in one line: counts by outcome, resets, failures, latency."""
+    statuses: dict[str, int] = {}
+    for record in records:
+        key = f"{record.method} {record.status if record.status is not None else 'failed'}"
+        statuses[key] = statuses.get(key, 0) + 1
+    resets = sum(1 for record in records if record.first_error)
+    failures = [
+        f"{record.method} {'keep-alive' if record.keep_alive else 'new connection'}: {record.final_error}"
+        for record in records
+        if record.failed
+    ]
+    latencies = sorted(record.latency for record in records)
+    p99 = latencies[int(len(latencies) * 0.99)] if latencies else 0.0
+    return (
+        f"{len(records)} requests, {statuses}, raw resets {resets}, failed {len(failures)} "
+        f"{failures[:3]}, p99 {p99 * 1000:.1f} ms"
+    )
+
+
+def assert_no_request_failed(records: list[LoadRecord], label: str, record_property) -> str:
+    """Assert that every LoadClient request got a 200; report the summary (with raw resets) as a test property."""
+    summary = describe_load(records)
+    record_property(label, summary)
+    print(f"{label}: {summary}")
+    assert [record for record in records if record.failed] == [], summary
+    assert {record.status for record in records} == {200}, summary
+    return summary
+
+
 def get(address: str, path: str, timeout: float = 5.0) -> tuple[int, str | None]:
     """Send one GET on a new connection; return the status and the x-upstream header."""
     host, port = host_port(address)
@@ -210,6 +358,35 @@ def summarize(records: list[RequestRecord]) -> str:
         statuses[key] = statuses.get(key, 0) + 1
     resets = sum(1 for record in records if record.first_error)
     return f"{len(records)} requests, statuses {statuses}, {resets} first attempts reset"
+
+
+# Reloads and upgrades
+
+
+def wait_log_count(read_log, text: str, count: int, timeout: float = 30.0) -> str:
+    """Wait until `text` occurs `count` times in the log `read_log()` returns; return the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = read_log()
+        if log.count(text) >= count:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {count} x {text!r} in the log:\n{log[-4000:]}")
+        time.sleep(0.02)
+
+
+def signal_and_wait(read_log, pid: int, signum: int, outcomes: tuple[str, ...], timeout: float = 30.0) -> str:
+    """Send `signum` to `pid` and wait for one more of the log lines `outcomes`; return the one that came."""
+    before = {text: read_log().count(text) for text in outcomes}
+    os.kill(pid, signum)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = read_log()
+        for text in outcomes:
+            if log.count(text) > before[text]:
+                return text
+        time.sleep(0.02)
+    raise AssertionError(f"no {outcomes} in the log {timeout} s after signal {signum}:\n{read_log()[-4000:]}")
 
 
 # An upstream that always fails

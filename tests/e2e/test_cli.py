@@ -11,13 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from conftest import ROOT
+
+from nexus.config import Config
 
 NEXUS = [sys.executable, "-m", "nexus"]
 VENV_BIN = Path(sys.executable).parent
 NEXUS_SCRIPT = VENV_BIN / "nexus"
 NEXUSCTL_SCRIPT = VENV_BIN / "nexusctl"
+
+# The top-level keys in declaration order, as unknown-key errors list them.
+TOP_LEVEL_KEYS = ", ".join(field.encode_name for field in msgspec.structs.fields(Config))
 
 GOOD_CONFIG = """\
 listen: ["127.0.0.1:0"]
@@ -46,7 +52,7 @@ BAD_CONFIGS = [
     (
         "unknown-key",
         GOOD_CONFIG.replace("workers: 2", "wrokers: 2"),
-        'wrokers: unknown key, expected one of listen, workers, shutdown_timeout, admin, limits, trusted_proxies, request_id_header, upstreams, routes, api_keys, tiers, consumers, redis, shared_memory (did you mean "workers"?)',
+        f'wrokers: unknown key, expected one of {TOP_LEVEL_KEYS} (did you mean "workers"?)',
     ),
     (
         "yaml-syntax",

@@ -1,0 +1,306 @@
+"""The master's cache service: purges from the admin API, and purges from other nodes through Redis.
+
+`POST /cache/purge` takes `{"url": ...}`, `{"prefix": ...}` or `{"tag": ...}`
+with an optional `"soft": true`, applies it to this node's L1 at once and,
+with a `redis` section, to every other node:
+
+1. A tag purge increments the tag's generation counter in Redis (hard or
+   soft), which invalidates the tag's L2 entries for every node at once.
+   URL and prefix purges delete the matching L2 keys (SCAN, MATCH).
+2. The purge is appended to the Redis Stream `<prefix>:cache:purges`
+   (XADD, MAXLEN ~ `cache.purge_stream_length`), with this node's id.
+3. Every node's listener thread reads the stream (XREAD BLOCK from the last
+   id it applied, which it keeps across disconnects) and applies other
+   nodes' purges to its L1.
+
+After a disconnect the listener resumes from its last id. If the stream
+was trimmed past that id (XINFO STREAM: entries were trimmed and the oldest
+one left is newer than that id), or the
+stream is gone (a Redis restart without persistence), the node cannot tell
+what it missed and clears its L1. L2 needs no catch-up: its tag purges are
+generations, its URL purges deletions.
+
+`GET /cache/stats` returns the store's counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from nexus.cache.invalidation import L1Purger, PurgeTarget, is_same_url, parse_purge_url
+from nexus.cache.key import KeyRules, parse_key, tag_hash
+from nexus.cache.l2 import l2_key_prefix, scan_pattern, tag_generation_keys
+from nexus.config import Config
+from nexus.services import AdminError
+
+__all__ = ["CacheService"]
+
+log = logging.getLogger("nexus.cache")
+
+# XREAD BLOCK time, in milliseconds: bounds how long stop() waits.
+_BLOCK_MS = 500
+# Wait after a failed Redis call before reconnecting, in seconds.
+_RECONNECT_S = 0.2
+_FAILURES = (redis.RedisError, RedisClusterException, OSError)
+
+
+class CacheService:
+    """Purges and cross-node invalidation for one master."""
+
+    name = "cache"
+
+    def __init__(self, master) -> None:
+        self._store = master.shared.cache
+        self._node_id = master.node_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The id of the last stream entry applied; None until the listener
+        # has read the stream once. After an upgrade the previous master's
+        # id carries on, so purges sent during the handover are not missed.
+        self.last_id: str | None = master.inherited.get(self.name, {}).get("last_id")
+        self.applied = 0
+        self.clears = 0
+        self._publisher = None
+        self._publish_lock = threading.Lock()
+        self._configure(master.config)
+
+    def _configure(self, config: Config) -> None:
+        self.config = config
+        rules = {
+            route.name: KeyRules(route.name, route.cache.key)
+            for route in config.routes
+            if route.cache is not None and route.cache.enabled
+        }
+        self.purger = L1Purger(self._store, rules)
+        self._redis_config = config.redis
+        if config.redis is not None:
+            self._stream = f"{config.redis.key_prefix}:cache:purges"
+            self._l2_prefix = l2_key_prefix(config.redis.key_prefix)
+
+    # Service protocol.
+
+    def start(self) -> None:
+        if self._redis_config is None:
+            return
+        self._thread = threading.Thread(target=self._listen, name="nexus-cache-purges", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(_BLOCK_MS / 1000 * 4)
+        if self._publisher is not None:
+            self._publisher.close()
+
+    def handoff(self) -> dict[str, Any]:
+        """What the next master's cache service continues from on an upgrade."""
+        return {"last_id": self.last_id}
+
+    def reconfigure(self, config: Config) -> None:
+        # NOTE: a change of the redis section applies after a restart: the
+        # listener keeps the connection settings it started with.
+        redis_config = self._redis_config
+        self._configure(config)
+        self._redis_config = redis_config
+
+    def admin_routes(self) -> dict[tuple[str, str], Any]:
+        return {("POST", "/cache/purge"): self.handle_purge, ("GET", "/cache/stats"): self.handle_stats}
+
+    # Admin routes.
+
+    def handle_stats(self, query: dict[str, str], body: Any) -> dict[str, Any]:
+        stats = self._store.stats()
+        stats["epoch"] = self._store.state.epoch
+        stats["stream_last_id"] = self.last_id
+        stats["stream_purges_applied"] = self.applied
+        stats["stream_gap_clears"] = self.clears
+        return stats
+
+    def handle_purge(self, query: dict[str, str], body: Any) -> dict[str, Any]:
+        kind, value, soft = _parse_purge_body(body)
+        purged = self.apply(kind, value, soft)
+        result: dict[str, Any] = {"kind": kind, "value": value, "soft": soft, "purged_local": purged, "nodes": "local"}
+        if self._redis_config is not None:
+            try:
+                self._publish(kind, value, soft)
+            except _FAILURES as exc:
+                log.warning("cache purge not sent to other nodes kind=%s value=%s error=%r", kind, value, exc)
+                raise AdminError(
+                    503,
+                    f"purged on this node ({purged} entries), but Redis failed, so other nodes and L2 still "
+                    f"hold the entries: {exc}; retry the purge when Redis is back",
+                ) from None
+            result["nodes"] = "all"
+        return result
+
+    def apply(self, kind: str, value: str, soft: bool) -> int:
+        """Apply one purge to this node's L1; return how many entries a URL or prefix purge removed."""
+        if kind == "tag":
+            self.purger.tag(self._store.state.tag_bucket(tag_hash(value)), soft)
+            return 0
+        target = parse_purge_url(value)
+        if kind == "url":
+            return self.purger.url(target, soft)
+        return self.purger.prefix(target, soft)
+
+    # Redis.
+
+    def _client(self, timeout: float):
+        config = self._redis_config
+        assert config is not None
+        options = {"socket_timeout": timeout, "socket_connect_timeout": config.timeout, "retry": Retry(NoBackoff(), 0)}
+        if config.url is not None:
+            return redis.Redis.from_url(config.url, **options)
+        nodes = [ClusterNode(urlsplit(url).hostname, urlsplit(url).port or 6379) for url in config.cluster]
+        return RedisCluster(startup_nodes=nodes, **options)
+
+    def _publish(self, kind: str, value: str, soft: bool) -> None:
+        assert self._redis_config is not None
+        # One client kept across purges (its pool is thread-safe), so a purge
+        # costs no connection set-up; a failure drops it for a fresh one.
+        with self._publish_lock:
+            if self._publisher is None:
+                self._publisher = self._client(self._redis_config.timeout * 4)
+            client = self._publisher
+        try:
+            if kind == "tag":
+                hard_key, soft_key = tag_generation_keys(self._redis_config.key_prefix, value)
+                client.incr(soft_key if soft else hard_key)
+            elif self.config.cache.l2:
+                self._delete_l2(client, kind, value)
+            fields = {"kind": kind, "value": value, "soft": "1" if soft else "0", "node": self._node_id}
+            client.xadd(self._stream, fields, maxlen=self.config.cache.purge_stream_length, approximate=True)
+        except _FAILURES:
+            with self._publish_lock:
+                self._publisher = None
+            client.close()
+            raise
+
+    def _delete_l2(self, client, kind: str, value: str) -> None:
+        target = parse_purge_url(value)
+        pattern = scan_pattern(self._l2_prefix, target.path)
+        batch = [key for key in client.scan_iter(match=pattern, count=1000)]
+        if kind == "url":
+            batch = [key for key in batch if self._is_url_key(key, target)]
+        if batch:
+            client.delete(*batch)
+
+    def _is_url_key(self, l2_key: bytes, target: PurgeTarget) -> bool:
+        parsed = parse_key(l2_key[len(self._l2_prefix) :])
+        return parsed is not None and is_same_url(*parsed, target, self.purger.rules)
+
+    def _listen(self) -> None:
+        """Apply other nodes' purges from the stream until stop(); reconnect after failures."""
+        assert self._redis_config is not None
+        connected = False
+        while not self._stop.is_set():
+            client = self._client(self._redis_config.timeout + _BLOCK_MS / 1000)
+            try:
+                self._catch_up(client)
+                if not connected:
+                    log.info("cache purge stream connected stream=%s last_id=%s", self._stream, self.last_id)
+                    connected = True
+                while not self._stop.is_set():
+                    self._read_once(client)
+            except _FAILURES as exc:
+                if connected:
+                    log.warning("cache purge stream lost stream=%s last_id=%s error=%r", self._stream, self.last_id, exc)
+                connected = False
+                self._stop.wait(_RECONNECT_S)
+            finally:
+                client.close()
+
+    def _catch_up(self, client) -> None:
+        """Find the place to read from: the last id applied, or the stream's end at the first start."""
+        try:
+            info = client.xinfo_stream(self._stream)
+        except redis.ResponseError:
+            info = None
+        if self.last_id is None:
+            self.last_id = _decode(info["last-generated-id"]) if info else "0-0"
+            return
+        if info is None:
+            if self.last_id != "0-0":
+                self._clear("the purge stream is gone (Redis restarted without its data?)")
+                self.last_id = "0-0"
+            return
+        # MAXLEN trimming removed entries (entries-added > length), and the
+        # oldest one left is newer than the last one applied: what lay
+        # between may be lost. When the trimmed entries all came before the
+        # last one applied this clears needlessly, which costs only hits.
+        first = _decode(info.get("recorded-first-entry-id") or "0-0")
+        trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
+        if trimmed and _stream_id(first) > _stream_id(self.last_id):
+            self._clear(f"purges after {self.last_id} were trimmed from the stream (oldest left: {first})")
+
+    def _read_once(self, client) -> None:
+        reply = client.xread({self._stream: self.last_id}, count=256, block=_BLOCK_MS)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._apply_event(fields)
+                self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    def _apply_event(self, fields: dict) -> None:
+        decoded = {_decode(key): _decode(value) for key, value in fields.items()}
+        if decoded.get("node") == self._node_id:
+            return
+        kind, value = decoded.get("kind"), decoded.get("value")
+        if kind not in ("url", "prefix", "tag") or not value:
+            log.warning("ignoring an invalid cache purge event fields=%r", decoded)
+            return
+        try:
+            self.apply(kind, value, decoded.get("soft") == "1")
+        except ValueError as exc:
+            log.warning("ignoring an invalid cache purge event fields=%r error=%s", decoded, exc)
+            return
+        self.applied += 1
+
+    def _clear(self, reason: str) -> None:
+        log.warning("clearing the cache of this node: %s", reason)
+        self.purger.clear()
+        self.clears += 1
+
+
+def _parse_purge_body(body: Any) -> tuple[str, str, bool]:
+    """Return (kind, value, soft) from a purge request body, or raise AdminError 400."""
+    if not isinstance(body, dict):
+        raise AdminError(400, 'invalid purge request: expected a JSON object such as {"url": "/path"}')
+    kinds = [kind for kind in ("url", "prefix", "tag") if kind in body]
+    if len(kinds) != 1:
+        raise AdminError(400, 'invalid purge request: give exactly one of "url", "prefix" or "tag"')
+    kind = kinds[0]
+    value = body[kind]
+    if not isinstance(value, str) or not value.strip():
+        raise AdminError(400, f'invalid purge request: "{kind}" must be a non-empty string')
+    soft = body.get("soft", False)
+    if not isinstance(soft, bool):
+        raise AdminError(400, 'invalid purge request: "soft" must be true or false')
+    unknown = sorted(set(body) - {kind, "soft"})
+    if unknown:
+        raise AdminError(400, f"invalid purge request: unknown fields {', '.join(unknown)}")
+    if kind != "tag":
+        try:
+            parse_purge_url(value)
+        except ValueError as exc:
+            raise AdminError(400, str(exc)) from None
+    return kind, value, soft
+
+
+def _decode(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    milliseconds, _, sequence = value.partition("-")
+    return int(milliseconds or 0), int(sequence or 0)
+
+

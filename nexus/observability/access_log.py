@@ -1,0 +1,322 @@
+"""Access records: packed by workers into their event ring, written as JSON lines by the master.
+
+A worker never writes the access log itself, so no request waits on disk
+I/O. After each request it pushes one access record (8 words) and, for
+the request id, one text record per 56 bytes of id into its ring
+(`nexus.shm.ring`). A full ring drops the records and counts the drop, so
+the worker never waits either. The master drains the rings every
+`DRAIN_INTERVAL` (`nexus.observability.service`), feeds every record to the
+usage tables and writes the sampled ones to the log.
+
+Strings that the config bounds (route, consumer, target URL, method) go
+into the record as small ids, numbered in config order by `Names`; the
+worker and the master build the same `Names` from the same config.
+
+Access record, kind 1:
+    0  bits 0-7 kind, 8-15 text records that follow, 16-31 status,
+       32-47 route id (0: no route), 48-51 cache result id, 52-55 rate-limit
+       result id, 56-63 method id
+    1  time.time_ns() when the request arrived
+    2  consumer id (bits 0-31, 0: anonymous) | target id (bits 32-63, 0: none)
+    3  response body bytes sent
+    4  total duration in microseconds (bits 0-31) | upstream duration in
+       microseconds + 1 (bits 32-63, 0: no upstream response)
+    5  trace id, high 64 bits
+    6  trace id, low 64 bits
+    7  (reserved)
+Text record, kind 2:
+    0  bits 0-7 kind, 8-23 byte length of this part
+    1-7  up to 56 bytes of the request id, little-endian in each word
+
+Records of other kinds belong to other producers; the drain hands them to
+the handler registered for their kind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import struct
+import sys
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import IO, NamedTuple
+
+from nexus import telemetry
+from nexus.config import Config
+from nexus.shm.ring import Ring
+
+__all__ = [
+    "ACCESS_KIND",
+    "CACHE_RESULTS",
+    "TEXT_KIND",
+    "AccessLogWriter",
+    "AccessRecord",
+    "AccessRecorder",
+    "Names",
+    "decode",
+]
+
+log = logging.getLogger("nexus.access_log")
+
+ACCESS_KIND = 1
+TEXT_KIND = 2
+_TEXT_BYTES = 56
+_TEXT_WORDS = struct.Struct("<7Q")
+_MASK32 = 0xFFFF_FFFF
+
+# Result names of the response cache and of the rate limits; id 0 is "none".
+CACHE_RESULTS = ("", *telemetry.CACHE_RESULTS)
+LIMIT_RESULTS = ("", "allowed", "denied", "dry_run_denied", "failed_open")
+METHODS = ("OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+
+
+class Names:
+    """The ids of routes, consumers and targets of one config, both ways."""
+
+    def __init__(self, config: Config) -> None:
+        self.routes = ["", *(route.name for route in config.routes)]
+        self.consumers = ["", *config.consumers]
+        urls: list[str] = [""]
+        for upstream in config.upstreams.values():
+            for target in upstream.target_list():
+                url = target.url.rstrip("/")
+                if url not in urls:
+                    urls.append(url)
+        self.targets = urls
+        self.route_ids = {name: index for index, name in enumerate(self.routes) if name}
+        self.consumer_ids = {name: index for index, name in enumerate(self.consumers) if name}
+        self.target_ids = {url: index for index, url in enumerate(urls) if url}
+
+
+# Four bits each in the access record.
+assert len(CACHE_RESULTS) <= 16 and len(LIMIT_RESULTS) <= 16
+_CACHE_IDS = {name: index for index, name in enumerate(CACHE_RESULTS) if name}
+_LIMIT_IDS = {name: index for index, name in enumerate(LIMIT_RESULTS) if name}
+_METHOD_IDS = {name: index for index, name in enumerate(METHODS)}
+
+
+class AccessRecorder:
+    """A worker's producer: packs one finished request into its ring. Never blocks."""
+
+    def __init__(self, ring: Ring, names: Names) -> None:
+        self._push = ring.push
+        self._names = names
+
+    def record(
+        self,
+        started_ns: int,
+        duration_ns: int,
+        method: str,
+        status: int,
+        route: str,
+        consumer: str | None,
+        target: str | None,
+        bytes_sent: int,
+        upstream_ns: int | None,
+        cache: str | None,
+        rate_limit: str | None,
+        request_id: str | None,
+        trace_id: int,
+    ) -> bool:
+        """Push the records of one request; return False if the ring was full and they were dropped."""
+        names = self._names
+        text = request_id.encode("ascii", "replace") if request_id else b""
+        parts = (len(text) + _TEXT_BYTES - 1) // _TEXT_BYTES
+        head = (
+            ACCESS_KIND
+            | parts << 8
+            | (status & 0xFFFF) << 16
+            | names.route_ids.get(route, 0) << 32
+            | (_CACHE_IDS.get(cache, 0) if cache else 0) << 48
+            | (_LIMIT_IDS.get(rate_limit, 0) if rate_limit else 0) << 52
+            | _METHOD_IDS.get(method, 0) << 56
+        )
+        parties = (names.consumer_ids.get(consumer, 0) if consumer else 0) | (
+            names.target_ids.get(target, 0) if target else 0
+        ) << 32
+        upstream_us = 0 if upstream_ns is None else min(upstream_ns // 1000 + 1, _MASK32)
+        durations = min(duration_ns // 1000, _MASK32) | upstream_us << 32
+        if not self._push(head, started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, 0):
+            return False
+        for start in range(0, len(text), _TEXT_BYTES):
+            chunk = text[start : start + _TEXT_BYTES]
+            if not self._push(TEXT_KIND | len(chunk) << 8, *_TEXT_WORDS.unpack(chunk.ljust(_TEXT_BYTES, b"\0"))):
+                return False
+        return True
+
+
+class AccessRecord(NamedTuple):
+    """One request as the master decodes it from a ring."""
+
+    time_ns: int
+    worker: int
+    method: str
+    status: int
+    route: str
+    consumer: str
+    target: str
+    bytes_sent: int
+    duration_us: int
+    upstream_us: int | None
+    cache: str
+    rate_limit: str
+    request_id: str
+    trace_id: str
+
+    def as_json(self) -> dict:
+        """The access log fields of this record, in the order they are written."""
+        moment = datetime.fromtimestamp(self.time_ns / 1e9, UTC)
+        return {
+            "time": moment.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "request_id": self.request_id or None,
+            "trace_id": self.trace_id or None,
+            "worker": self.worker,
+            "method": self.method,
+            "route": self.route or None,
+            "consumer": self.consumer or None,
+            "target": self.target or None,
+            "status": self.status,
+            "bytes": self.bytes_sent,
+            "duration_s": self.duration_us / 1e6,
+            "upstream_s": None if self.upstream_us is None else self.upstream_us / 1e6,
+            "cache": self.cache or None,
+            "rate_limit": self.rate_limit or None,
+        }
+
+
+def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=None) -> list[AccessRecord]:
+    """Decode drained ring rows of one worker into access records.
+
+    Text records whose access record was dropped are skipped; an access
+    record whose text records were dropped keeps what arrived of its id.
+    Rows of other kinds go to `others[kind](worker, row)` when a handler
+    is registered, and are skipped otherwise.
+    """
+    records: list[AccessRecord] = []
+    pending: list | None = None  # [head fields, parts still expected, text bytes]
+    for row in rows:
+        kind = row[0] & 0xFF
+        if kind == TEXT_KIND:
+            if pending is not None and pending[1] > 0:
+                length = min((row[0] >> 8) & 0xFFFF, _TEXT_BYTES)
+                pending[2] += _TEXT_WORDS.pack(*row[1:8])[:length]
+                pending[1] -= 1
+                if pending[1] == 0:
+                    records.append(_finish(pending, names, worker))
+                    pending = None
+            continue
+        if pending is not None:
+            records.append(_finish(pending, names, worker))
+            pending = None
+        if kind == ACCESS_KIND:
+            pending = [row, (row[0] >> 8) & 0xFF, b""]
+            if pending[1] == 0:
+                records.append(_finish(pending, names, worker))
+                pending = None
+        elif others is not None and kind in others:
+            others[kind](worker, row)
+    if pending is not None:
+        records.append(_finish(pending, names, worker))
+    return records
+
+
+def _name(table: list[str], index: int) -> str:
+    return table[index] if index < len(table) else f"#{index}"
+
+
+def _finish(pending: list, names: Names, worker: int) -> AccessRecord:
+    row, _, text = pending
+    head = row[0]
+    upstream_us = row[4] >> 32
+    trace = row[5] << 64 | row[6]
+    return AccessRecord(
+        time_ns=row[1],
+        worker=worker,
+        method=_name(list(METHODS), head >> 56),
+        status=(head >> 16) & 0xFFFF,
+        route=_name(names.routes, (head >> 32) & 0xFFFF),
+        consumer=_name(names.consumers, row[2] & _MASK32),
+        target=_name(names.targets, row[2] >> 32),
+        bytes_sent=row[3],
+        duration_us=row[4] & _MASK32,
+        upstream_us=upstream_us - 1 if upstream_us else None,
+        cache=_name(list(CACHE_RESULTS), (head >> 48) & 0xF),
+        rate_limit=_name(list(LIMIT_RESULTS), (head >> 52) & 0xF),
+        request_id=text.decode("ascii", "replace"),
+        trace_id=f"{trace:032x}" if trace else "",
+    )
+
+
+class AccessLogWriter:
+    """Writes sampled access records as JSON lines to a file or stderr, in the master.
+
+    Every response with status 500 or above is written when
+    `always_log_errors` is set; the others with probability `sample`.
+    `reopen()` closes and reopens the file, for logrotate.
+    """
+
+    def __init__(self, path: str, sample: float, always_log_errors: bool) -> None:
+        self.path = path
+        self.sample = sample
+        self.always_log_errors = always_log_errors
+        self.lines = 0
+        self.write_errors = 0
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        self._random = random.Random()
+        self._open()
+
+    def _open(self) -> None:
+        if self.path == "-":
+            self._file = sys.stderr
+            return
+        # Not line-buffered: the drain writes and flushes once per batch.
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open until close()
+
+    def sampled(self, record: AccessRecord) -> bool:
+        """Return whether `record` goes to the log: an error kept by always_log_errors, or drawn by the sample."""
+        if self.always_log_errors and record.status >= 500:
+            return True
+        return self.sample >= 1.0 or self._random.random() < self.sample
+
+    def write(self, records: list[AccessRecord]) -> int:
+        """Write the sampled part of `records`; return how many lines were written."""
+        lines = [json.dumps(record.as_json(), separators=(",", ":")) for record in records if self.sampled(record)]
+        if not lines:
+            return 0
+        with self._lock:
+            try:
+                assert self._file is not None
+                self._file.write("\n".join(lines) + "\n")
+                self._file.flush()
+            except OSError as exc:
+                self.write_errors += 1
+                log.error("cannot write the access log path=%s: %s", self.path, exc)
+                return 0
+        self.lines += len(lines)
+        return len(lines)
+
+    def reopen(self) -> None:
+        """Close and reopen the log file, so that a file renamed by logrotate is let go."""
+        if self.path == "-":
+            return
+        with self._lock:
+            old = self._file
+            try:
+                self._open()
+            except OSError as exc:
+                self._file = old
+                log.error("cannot reopen the access log path=%s: %s; still writing to the old file", self.path, exc)
+                return
+            if old is not None:
+                old.close()
+        log.info("access log reopened path=%s", self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None and self._file is not sys.stderr:
+                self._file.close()
+            self._file = None

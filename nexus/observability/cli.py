@@ -1,0 +1,117 @@
+"""nexusctl verbs of observability: `top` (busiest consumers and routes) and `access-log reopen`.
+
+`nexusctl top` reads GET /usage from the master's admin API every
+`--interval` seconds and redraws the terminal with plain ANSI escapes:
+the busiest consumers and routes, with their request rate over the last
+interval, error and rate-limited shares, bytes and latency quantiles.
+`--once` prints one table (totals since the master started) and exits;
+`--json` prints the usage documents instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from nexus.admin.cli_support import Output, admin_command, format_table
+
+__all__ = ["access_log", "render", "top"]
+
+# Home the cursor and clear the screen.
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def _rates(current: list[dict], previous: list[dict] | None, seconds: float) -> dict[str, float | None]:
+    """Requests per second of each row since `previous`, or None without one."""
+    if previous is None or seconds <= 0:
+        return {row["name"]: None for row in current}
+    before = {row["name"]: row["requests"] for row in previous}
+    return {row["name"]: (row["requests"] - before.get(row["name"], 0)) / seconds for row in current}
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _table(title: str, rows: list[dict], rates: dict[str, float | None]) -> str:
+    headers = [title, "req/s", "requests", "5xx", "429", "bytes", "p50 ms", "p90 ms", "p99 ms"]
+    cells = []
+    for row in rows:
+        rate = rates.get(row["name"])
+        cells.append(
+            [
+                row["name"],
+                "-" if rate is None else f"{rate:.1f}",
+                row["requests"],
+                _share(row["errors"], row["requests"]),
+                _share(row["rate_limited"], row["requests"]),
+                row["bytes"],
+                _milliseconds(row["latency_s"]["p50"]),
+                _milliseconds(row["latency_s"]["p90"]),
+                _milliseconds(row["latency_s"]["p99"]),
+            ]
+        )
+    return format_table(headers, cells)
+
+
+def render(usage: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
+    """Render a usage document as two tables; rates come from the difference with `previous`."""
+    seconds = usage["time"] - previous["time"] if previous else 0.0
+    consumers = _rates(usage["consumers"], previous and previous["consumers"], seconds)
+    routes = _rates(usage["routes"], previous and previous["routes"], seconds)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(usage["since"]))
+    lines = [
+        f"nexus top: {usage['records']} requests since {started}"
+        + (f", rates over the last {seconds:.1f} s" if previous else ""),
+        "",
+        _table("consumer", usage["consumers"], consumers),
+        "",
+        _table("route", usage["routes"], routes),
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Print the table once and exit, instead of refreshing.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between refreshes."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True, help="Rows of each table.")
+@admin_command
+def top(client, output: Output, once: bool, interval: float, limit: int) -> None:
+    """Show the busiest consumers and routes, refreshing every second until Ctrl-C."""
+    previous = None
+    try:
+        while True:
+            usage = client.call("GET", "/usage", query={"limit": str(limit)})
+            if output.as_json:
+                click.echo(json.dumps(usage, sort_keys=True))
+            elif once:
+                click.echo(render(usage))
+            else:
+                click.echo(_CLEAR + render(usage, previous), nl=True)
+            if once:
+                return
+            previous = usage
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+@click.group("access-log")
+def access_log() -> None:
+    """Operate the access log the master writes."""
+
+
+@access_log.command("reopen")
+@admin_command
+def access_log_reopen(client, output: Output) -> None:
+    """Reopen the access log file, after logrotate renamed it (same as SIGUSR1 to the master)."""
+    output.show(client.call("POST", "/access-log/reopen"))

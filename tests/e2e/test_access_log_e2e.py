@@ -1,0 +1,142 @@
+"""The access log, usage and nexusctl top through a real gateway: fields, sampling, errors, reopening."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nexus.admin.client import AdminClient
+from nexus.auth import hash_key
+from tests.conftest import admin_socket_dir, wait_for
+from tests.e2e.obs_support import obs_config, request
+from tests.e2e.proxy_support import echoed_headers, send
+
+pytestmark = pytest.mark.e2e
+
+KEY = "nx_obs-e2e-key-0000000000000000000000000000000"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+CONSUMERS = f"""
+consumers:
+  acme: {{keys: [{json.dumps(hash_key(KEY))}]}}
+"""
+NEXUSCTL = [sys.executable, "-c", "from nexus.cli import nexusctl; nexusctl()"]
+
+
+def lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def keyed_config(upstream_url: str, socket: Path, access_log: dict) -> str:
+    config = obs_config(upstream_url, socket, metrics=False, access_log=json.dumps(access_log), extra=CONSUMERS)
+    # The echo route requires the API key, and the status route is public.
+    return config.replace("match: {path_prefix: /echo}}", "match: {path_prefix: /echo}, auth: api_key}")
+
+
+def test_records_carry_every_field(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    log_path = tmp_path / "access.log"
+    gateway = gateway_factory(keyed_config(upstream.url, admin_socket_dir(tmp_path) / "a.sock", {"path": str(log_path)}))
+
+    headers = [("x-api-key", KEY), ("x-request-id", "req-e2e-1"), ("traceparent", TRACEPARENT), ("tracestate", "v=1")]
+    result = send(gateway.url, "/echo/item", headers=headers)
+    assert result.status == 200
+    assert echoed_headers(result.json(), "traceparent") == [TRACEPARENT]
+    assert echoed_headers(result.json(), "tracestate") == ["v=1"]
+    anonymous = send(gateway.url, "/status/503")
+    assert anonymous.status == 503
+
+    wait_for(lambda: len(lines(log_path)) == 2, 5, message="two access log lines")
+    first, second = sorted(lines(log_path), key=lambda line: line["status"])
+    assert first["request_id"] == "req-e2e-1"
+    assert first["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert first["consumer"] == "acme"
+    assert first["route"] == "echo"
+    assert first["method"] == "GET"
+    assert first["target"] == upstream.url
+    assert first["status"] == 200
+    assert first["bytes"] == int(result.header("content-length"))
+    assert 0 < first["upstream_s"] <= first["duration_s"] < 5
+    assert first["rate_limit"] is None
+    assert first["cache"] is None
+    assert first["time"].endswith("Z")
+
+    assert second["status"] == 503
+    assert second["route"] == "status"
+    assert second["consumer"] is None
+    # No traceparent came in: the gateway made one and logged its trace id.
+    assert len(second["trace_id"]) == 32
+    assert second["trace_id"] != first["trace_id"]
+    assert second["request_id"] == anonymous.header("x-request-id")
+
+
+def test_sampling_keeps_errors_and_usage_counts_all(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    log_path = tmp_path / "access.log"
+    socket = admin_socket_dir(tmp_path) / "a.sock"
+    settings = {"path": str(log_path), "sample": "0%", "always_log_errors": True}
+    gateway = gateway_factory(keyed_config(upstream.url, socket, settings))
+
+    for _ in range(40):
+        assert request(gateway.url, path="/echo/x", headers={"x-api-key": KEY}) == 200
+    for _ in range(6):
+        assert request(gateway.url, path="/status/500") == 500
+    for _ in range(3):
+        assert request(gateway.url, path="/echo/x") == 401
+
+    # The master drains the rings every 100 ms: wait until it has read all 49 records.
+    client = AdminClient(str(socket))
+    wait_for(lambda: client.call("GET", "/usage")["records"] == 49, 5, message="49 records in usage")
+    top = subprocess.run([*NEXUSCTL, "top", "--once", "--json", "--socket", str(socket)], capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0, top.stderr
+    usage = json.loads(top.stdout)
+    assert [line["status"] for line in lines(log_path)] == [500] * 6
+    consumers = {row["name"]: row for row in usage["consumers"]}
+    assert consumers["acme"]["requests"] == 40
+    assert consumers["acme"]["errors"] == 0
+    assert consumers["(anonymous)"]["requests"] == 9
+    assert consumers["(anonymous)"]["errors"] == 6
+    assert consumers["(anonymous)"]["client_errors"] == 3
+    routes = {row["name"]: row for row in usage["routes"]}
+    assert routes["echo"]["requests"] == 43
+    assert routes["status"]["requests"] == 6
+    assert routes["echo"]["latency_s"]["p50"] > 0
+
+    table = subprocess.run([*NEXUSCTL, "top", "--once", "--socket", str(socket)], capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    for name in ("acme", "(anonymous)", "echo"):
+        assert name in table.stdout
+
+
+def test_reopen_on_sigusr1_and_nexusctl(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    log_path = tmp_path / "access.log"
+    socket = admin_socket_dir(tmp_path) / "a.sock"
+    gateway = gateway_factory(keyed_config(upstream.url, socket, {"path": str(log_path)}))
+
+    request(gateway.url, path="/status/200")
+    wait_for(lambda: len(lines(log_path)) == 1, 5, message="the first line")
+    log_path.rename(tmp_path / "access.log.1")
+    os.kill(gateway.process.pid, signal.SIGUSR1)
+    wait_for(lambda: "access log reopened" in gateway.log(), 5, message="the reopen")
+    request(gateway.url, path="/status/201")
+    wait_for(lambda: len(lines(log_path)) == 1, 5, message="a line in the new file")
+    assert lines(log_path)[0]["status"] == 201
+    assert len(lines(tmp_path / "access.log.1")) == 1
+
+    log_path.rename(tmp_path / "access.log.2")
+    reopen = subprocess.run(
+        [*NEXUSCTL, "access-log", "reopen", "--socket", str(socket)], capture_output=True, text=True, timeout=30
+    )
+    assert reopen.returncode == 0, reopen.stderr
+    request(gateway.url, path="/status/202")
+    wait_for(lambda: len(lines(log_path)) == 1, 5, message="a line in the newest file")
+    assert lines(log_path)[0]["status"] == 202
+    assert gateway.process.poll() is None

@@ -1,0 +1,325 @@
+"""Coalescing, purges, L2 and cross-node invalidation through real gateways, a real upstream and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from nexus.admin.client import AdminClient
+from tests.conftest import ROOT, wait_for
+from tests.e2e.cache_support import CacheUpstream, TcpRelay
+from tests.e2e.proxy_support import host_port, send
+from tests.redis_support import redis_cluster, redis_server_factory  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def origin():
+    upstream = CacheUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def socket_dir():
+    # Unix socket paths must stay under 108 bytes, so not under a long tmp_path.
+    path = Path(tempfile.mkdtemp(prefix="nx-cache-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _config(
+    upstream_url: str,
+    admin_socket: Path,
+    redis_url: str | None = None,
+    cache: str = "{}",
+    node: str = "",
+    extra: str = "",
+    cluster: list[str] | None = None,
+) -> str:
+    redis = ""
+    if redis_url is not None or cluster is not None:
+        where = f'url: "{redis_url}"' if cluster is None else f"cluster: {json.dumps(cluster)}"
+        redis = f'redis: {{{where}, key_prefix: "cachetest", node_id: "{node}"}}\ncache: {{l2: true{extra}}}\n'
+    return f"""
+listen: ["127.0.0.1:0"]
+workers: 2
+admin: {{socket: "{admin_socket}", metrics: null}}
+upstreams:
+  app: {{targets: ["{upstream_url}"]}}
+routes:
+  - {{name: cached, upstream: app, cache: {cache}}}
+{redis}"""
+
+
+def _status(reply) -> str:
+    return reply.header("cache-status") or ""
+
+
+def _get(url: str, path: str, only_if_cached: bool = False):
+    """GET with one Host for every node, as behind a load balancer: the host is part of the cache key."""
+    headers = [("Host", "api.example")]
+    if only_if_cached:
+        headers.append(("Cache-Control", "only-if-cached"))
+    return send(url, path, headers=headers)
+
+
+def test_stampede_200_requests_one_upstream_request(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock"), workers=2)
+    origin.respond("/cold", headers=[("Cache-Control", "max-age=60")], body=b"x" * 1000, delay=0.3)
+    host, port = host_port(gateway.url)
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /cold HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return int(data.split(b" ", 2)[1])
+
+    async def all_at_once() -> list[int]:
+        return await asyncio.gather(*(one() for _ in range(200)))
+
+    statuses = asyncio.run(all_at_once())
+    assert statuses == [200] * 200
+    assert origin.count("/cold") == 1
+
+
+def test_coalesce_timeout_then_upstream(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock", cache="{coalesce_timeout: 100ms}"))
+    origin.respond("/slow", headers=[("Cache-Control", "max-age=60")], delay=1.0)
+    host, port = host_port(gateway.url)
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        await reader.read()
+        writer.close()
+
+    async def two() -> None:
+        first = asyncio.ensure_future(one())
+        await asyncio.sleep(0.2)
+        await asyncio.gather(first, one())
+
+    asyncio.run(two())
+    # The second waited 100 ms for the first's fill, then went upstream itself.
+    assert origin.count("/slow") == 2
+
+
+def test_purge_url_prefix_tag_soft(origin, gateway_factory, socket_dir):
+    sock = socket_dir / "a.sock"
+    url = gateway_factory(_config(origin.url, sock, cache="{stale_while_revalidate: 30s}")).url
+    admin = AdminClient(str(sock))
+    for path in ("/p/1", "/p/2", "/other", "/t"):
+        origin.respond(path, headers=[("Cache-Control", "max-age=60"), ("Surrogate-Key", "red blue")])
+        send(url, path)
+        assert "hit" in _status(send(url, path))
+
+    result = admin.call("POST", "/cache/purge", body={"url": "/p/1"})
+    assert result["purged_local"] == 1
+    assert "uri-miss" in _status(send(url, "/p/1"))
+    assert "hit" in _status(send(url, "/p/2"))
+
+    admin.call("POST", "/cache/purge", body={"prefix": "/p/"})
+    assert "uri-miss" in _status(send(url, "/p/2"))
+    assert "hit" in _status(send(url, "/other"))
+
+    admin.call("POST", "/cache/purge", body={"tag": "blue"})
+    assert "hit" not in _status(send(url, "/other"))
+    assert "hit" not in _status(send(url, "/t"))
+
+    # Soft: served stale while it is revalidated in the background.
+    assert "hit" in _status(send(url, "/t"))
+    admin.call("POST", "/cache/purge", body={"url": "/t", "soft": True})
+    before = origin.count("/t")
+    stale = send(url, "/t")
+    assert "detail=stale" in _status(stale)
+    wait_for(lambda: origin.count("/t") == before + 1, 5, message="background revalidation after a soft purge")
+
+
+def test_purge_bad_request(origin, gateway_factory, socket_dir):
+    sock = socket_dir / "a.sock"
+    gateway_factory(_config(origin.url, sock))
+    from nexus.admin.client import AdminClientError
+
+    with pytest.raises(AdminClientError) as error:
+        AdminClient(str(sock)).call("POST", "/cache/purge", body={"url": "ftp://x"})
+    assert "invalid purge URL" in str(error.value)
+
+
+def test_nexusctl_purge(origin, gateway_factory, socket_dir):
+    sock = socket_dir / "a.sock"
+    url = gateway_factory(_config(origin.url, sock)).url
+    origin.respond("/c", headers=[("Cache-Control", "max-age=60")])
+    send(url, "/c")
+    result = subprocess.run(
+        [sys.executable, "-c", "from nexus.cli import nexusctl; nexusctl()", "purge", "/c", "--socket", str(sock), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"purged_local": 1' in result.stdout
+    assert "uri-miss" in _status(send(url, "/c"))
+
+
+def test_l2_warms_second_node(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    a = gateway_factory(_config(origin.url, socket_dir / "a.sock", server.url, node="a")).url
+    b = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b")).url
+    origin.respond("/l2", headers=[("Cache-Control", "max-age=60")], body=b"shared")
+    _get(a, "/l2")
+    wait_for(lambda: any(server.client().scan_iter(match=b"cachetest:cache:/l2*")), 5, message="L2 write")
+    reply = _get(b, "/l2")
+    assert reply.body == b"shared"
+    assert "detail=l2" in _status(reply)
+    assert "hit" in _status(_get(b, "/l2"))
+    assert origin.count("/l2") == 1
+
+
+def test_l2_down_falls_back_to_upstream(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    url = gateway_factory(_config(origin.url, socket_dir / "a.sock", server.url, node="a")).url
+    server.kill()
+    origin.respond("/down", headers=[("Cache-Control", "max-age=60")])
+    assert _get(url, "/down").status == 200
+    assert "hit" in _status(_get(url, "/down"))
+
+
+def test_purge_reaches_other_node_within_100ms_p99(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    sock_a = socket_dir / "a.sock"
+    a = gateway_factory(_config(origin.url, sock_a, server.url, node="a")).url
+    b_gateway = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b"))
+    b = b_gateway.url
+    admin = AdminClient(str(sock_a))
+    origin.respond("/n", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+
+    # Poll node b on one keep-alive connection, so the measured time is the
+    # purge's propagation and not connection set-up on a busy machine.
+    host, port = host_port(b)
+    poll = http.client.HTTPConnection(host, port, timeout=5)
+
+    def b_serves_stored() -> bool:
+        poll.request("GET", "/n", headers={"Host": "api.example", "Cache-Control": "only-if-cached"})
+        response = poll.getresponse()
+        response.read()
+        return "hit" in (response.getheader("cache-status") or "")
+
+    delays = []
+    for _ in range(50):
+        _get(b, "/n")
+        assert b_serves_stored()
+        started = time.monotonic()
+        admin.call("POST", "/cache/purge", body={"url": "/n"})
+        while b_serves_stored():
+            assert time.monotonic() - started < 2, "purge did not reach node b within 2 s"
+        delays.append(time.monotonic() - started)
+    poll.close()
+    delays.sort()
+    p99 = delays[int(0.99 * (len(delays) - 1))]
+    print(f"purge to other node: p50 {delays[len(delays) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < 0.1, f"p99 {p99 * 1000:.1f} ms, delays {[round(d * 1000, 1) for d in delays]}"
+
+
+def test_disconnected_node_catches_up(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    relay = TcpRelay(server.port)
+    sock_a = socket_dir / "a.sock"
+    a = gateway_factory(_config(origin.url, sock_a, server.url, node="a")).url
+    b_gateway = gateway_factory(_config(origin.url, socket_dir / "b.sock", f"redis://127.0.0.1:{relay.port}/0", node="b"))
+    b = b_gateway.url
+    origin.respond("/gone", headers=[("Cache-Control", "max-age=600")])
+    origin.respond("/kept", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+    _get(b, "/gone")
+    _get(b, "/kept")
+
+    relay.cut()
+    AdminClient(str(sock_a)).call("POST", "/cache/purge", body={"url": "/gone"})
+    time.sleep(0.5)
+    relay.restore()
+    wait_for(
+        lambda: "hit" not in _status(_get(b, "/gone", only_if_cached=True)),
+        15,
+        message="node b dropping the purged entry after it reconnects",
+    )
+    assert "hit" in _status(_get(b, "/kept"))
+
+
+def test_node_away_past_stream_length_clears(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    relay = TcpRelay(server.port)
+    sock_a = socket_dir / "a.sock"
+    gateway_factory(_config(origin.url, sock_a, server.url, node="a", extra=", purge_stream_length: 100"))
+    b_gateway = gateway_factory(
+        _config(origin.url, socket_dir / "b.sock", f"redis://127.0.0.1:{relay.port}/0", node="b", extra=", purge_stream_length: 100")
+    )
+    b = b_gateway.url
+    origin.respond("/kept", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+    _get(b, "/kept")
+
+    relay.cut()
+    admin = AdminClient(str(sock_a))
+    for i in range(400):
+        admin.call("POST", "/cache/purge", body={"url": f"/other/{i}"})
+    relay.restore()
+    wait_for(lambda: "clearing the cache of this node" in b_gateway.log(), 15, message="node b clearing its cache")
+    assert "hit" not in _status(_get(b, "/kept", only_if_cached=True))
+
+
+def test_tag_purge_invalidates_l2_everywhere(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    sock_a = socket_dir / "a.sock"
+    a = gateway_factory(_config(origin.url, sock_a, server.url, node="a")).url
+    b = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b")).url
+    origin.respond("/tagged", headers=[("Cache-Control", "max-age=600"), ("Cache-Tag", "news,sports")])
+    _get(a, "/tagged")
+    wait_for(lambda: any(server.client().scan_iter(match=b"cachetest:cache:/tagged*")), 5, message="L2 write")
+    # Drop the stream, as if node b had never seen the purge event: only the generation counter can stop it.
+    AdminClient(str(sock_a)).call("POST", "/cache/purge", body={"tag": "sports"})
+    server.client().delete("cachetest:cache:purges")
+    reply = _get(b, "/tagged")
+    assert "detail=l2" not in _status(reply)
+    assert origin.count("/tagged") == 2
+
+
+def test_l2_on_redis_cluster(origin, gateway_factory, socket_dir, redis_cluster):
+    urls = redis_cluster.urls
+    a = gateway_factory(_config(origin.url, socket_dir / "a.sock", node="a", cluster=urls)).url
+    b = gateway_factory(_config(origin.url, socket_dir / "b.sock", node="b", cluster=urls)).url
+    origin.respond("/cl", headers=[("Cache-Control", "max-age=60"), ("Vary", "Accept")])
+    _get(a, "/cl")
+    time.sleep(0.5)
+    reply = _get(b, "/cl")
+    assert "detail=l2" in _status(reply)
+    assert origin.count("/cl") == 1
+
+
+def test_cache_counters_exported(origin, gateway_factory, socket_dir):
+    from tests.redis_support import free_port
+
+    metrics_port = free_port()
+    config = _config(origin.url, socket_dir / "a.sock").replace("metrics: null", f'metrics: "127.0.0.1:{metrics_port}"')
+    url = gateway_factory(config).url
+    origin.respond("/m", headers=[("Cache-Control", "max-age=60")])
+    send(url, "/m")
+    send(url, "/m")
+    send(url, "/m", method="POST", body=b"x")
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'nexus_cache_requests_total{result="miss",route="cached"} 1.0' in text
+    assert 'nexus_cache_requests_total{result="hit",route="cached"} 1.0' in text
+    assert 'nexus_cache_requests_total{result="bypass",route="cached"} 1.0' in text

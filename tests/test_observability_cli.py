@@ -1,0 +1,31 @@
+"""nexusctl top's rendering: rates between two usage documents, shares and quantiles in milliseconds."""
+
+from __future__ import annotations
+
+from nexus.observability.cli import render
+
+
+def usage(at: float, requests: int) -> dict:
+    row = {
+        "name": "acme",
+        "requests": requests,
+        "errors": requests // 10,
+        "client_errors": 0,
+        "rate_limited": requests // 5,
+        "bytes": 1000,
+        "latency_s": {"p50": 0.0012, "p90": 0.004, "p99": None},
+    }
+    return {"time": at, "since": 0.0, "records": requests, "consumers": [row], "routes": [{**row, "name": "orders"}]}
+
+
+def test_first_screen_has_no_rates():
+    text = render(usage(100.0, 50))
+    acme = next(line for line in text.splitlines() if line.startswith("acme"))
+    assert acme.split() == ["acme", "-", "50", "10.0%", "20.0%", "1000", "1.2", "4.0", "-"]
+
+
+def test_rates_come_from_the_previous_document():
+    text = render(usage(102.0, 250), usage(100.0, 50))
+    assert "rates over the last 2.0 s" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith(("acme", "orders"))]
+    assert [row[1] for row in rows] == ["100.0", "100.0"]
