@@ -22,7 +22,13 @@ from nexus.body import BodySource, declared_length
 from nexus.cache.layer import CacheLayer
 from nexus.config import Config, Route
 from nexus.errors import BadRequest, GatewayError, NoRoute, UpstreamOverloaded, problem_body
-from nexus.headers import ForwardingContext, TrustedProxies, downstream_response_headers, upstream_request_headers
+from nexus.headers import (
+    ForwardingContext,
+    TrustedProxies,
+    downstream_response_headers,
+    host_problem,
+    upstream_request_headers,
+)
 from nexus.observability.access_log import AccessRecorder, Names
 from nexus.observability.logs import tag_worker_logs
 from nexus.proxy import ForwardRequest, forward
@@ -145,6 +151,9 @@ class Gateway:
         )
         forwarded = upstream_request_headers(scope["headers"], context)
         exchange.request_id = forwarded.request_id
+        problem = host_problem(scope["headers"], scope.get("http_version", "1.1"))
+        if problem is not None:
+            raise BadRequest(problem)
         exchange.trace_id = forwarded.trace_id
 
         # Framing and path checks, before any routing decision depends on them.

@@ -148,6 +148,32 @@ class UpstreamRequestHeaders:
     trace_id: int = 0
 
 
+# A Host value: uri-host and an optional port (RFC 3986 section 3.2.2), that
+# is an IP literal in brackets, or registered-name characters.
+_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.vV]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+
+
+def host_problem(downstream: list[tuple[bytes, bytes]], http_version: str) -> str | None:
+    """Return why the request's Host fields are invalid (RFC 9112 section 3.2), or None if they are valid.
+
+    An HTTP/1.1 request needs exactly one Host field with a valid value;
+    HTTP/1.0 may leave it out, and HTTP/2 names its target in :authority.
+    """
+    values = [value for name, value in downstream if name == b"host"]
+    # granian gives a request without Host an empty one, and an http URI
+    # always has a host, so an empty value counts as missing.
+    if not values or values == [b""]:
+        if http_version == "1.1":
+            return "HTTP/1.1 request without a Host header: send Host, such as Host: api.example.com"
+        return None
+    if len(values) > 1:
+        return f"request has {len(values)} Host header fields: send exactly one"
+    text = values[0].decode("latin-1")
+    if _HOST_VALUE.fullmatch(text) is None:
+        return f"invalid Host header {text!r}: expected host[:port], such as api.example.com:8080"
+    return None
+
+
 def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: ForwardingContext) -> UpstreamRequestHeaders:
     """Build the upstream request headers from the downstream ASGI headers.
 

@@ -727,11 +727,19 @@ class Master(UpgradeSteps):
         self._counters.reloads += 1
         return result
 
+    def _check_services(self, config: Config) -> None:
+        """Let each service reject a config it cannot apply, before any worker of it starts."""
+        for service in self.services:
+            check = getattr(service, "check", None)
+            if check is not None:
+                check(config)
+
     def _reload_config(self) -> dict[str, Any]:
         """Start a generation on the config file as it is now, and drain the running one."""
         assert self.config_path is not None and self._active is not None
         config = self._read_config()
         self._warn_fixed_sizes(config)
+        self._check_services(config)
         previous = self._active
         listeners = self._listeners_for(self._addresses(config))
         generation = self._next_generation(config, _file_hash(self.config_path), listeners)

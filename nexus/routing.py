@@ -24,7 +24,8 @@ A route matches when every condition in its `match` holds:
   case-sensitively, as received (no decoding or dot-segment removal).
 - `path_prefix`: the request path starts with it on a segment boundary:
   `/v1/catalog` matches `/v1/catalog`, `/v1/catalog/` and `/v1/catalog/x`,
-  not `/v1/catalogue`. The prefix `/` matches every path.
+  not `/v1/catalogue`. The prefix `/` matches every path. A trailing slash
+  changes nothing: `/v1/catalog/` matches the same paths as `/v1/catalog`.
 - `methods`: the request method is one of them (methods are case-sensitive,
   as in HTTP). Unset or an empty list means any method.
 - `headers`: every listed header is present with exactly that value. Names
@@ -121,10 +122,11 @@ class _Group:
             bucket = self.exact.setdefault(match.path, [])
         elif match.path_prefix is None:
             bucket = self.anypath
-        elif match.path_prefix == "/":
+        elif match.path_prefix.rstrip("/") == "":
             bucket = self.root
         else:
-            bucket = self.prefixes.setdefault(match.path_prefix, [])
+            # A trailing slash names the same subtree: "/v1/" is "/v1".
+            bucket = self.prefixes.setdefault(match.path_prefix.rstrip("/"), [])
         # Keys 3 to 5: methods, then more headers, then config order.
         key = (0 if entry[1] is not None else 1, -len(entry[2]), index)
         self._pending.append((key, bucket, entry))

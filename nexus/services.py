@@ -55,7 +55,9 @@ class Service(Protocol):
         """Admin API routes this service serves, by (method, path)."""
 
     # Optional: `handoff() -> dict` with JSON-serialisable state for the
-    # same service in the next master of an upgrade.
+    # same service in the next master of an upgrade, and `check(config)`,
+    # which raises AdminError to reject a reload that the service could not
+    # apply (an access log path it cannot open, say).
 
 
 def master_services(master: Master) -> list[Service]:

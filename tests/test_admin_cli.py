@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -189,3 +190,54 @@ def test_check_uses_group_config(socket_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{config}: ok")
     assert stat.S_ISREG(config.stat().st_mode)
+
+
+def test_yaml_error_names_socket_lookup(socket_dir: Path) -> None:
+    config = socket_dir / "gw.yaml"
+    config.write_text("admin: {socket: admin.sock}\nroutes:\n  - {name: x\n    upstream: y}\n")
+    result = run_nexusctl("--config", str(config), "reload")
+    assert result.returncode == 2
+    assert f"cannot read the admin socket path from {config}: invalid YAML at line 4" in result.stderr
+    assert "invalid admin section" not in result.stderr
+    assert result.stderr.count(str(config)) == 1
+    assert "--socket PATH" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["regular file", "directory"])
+def test_socket_path_not_a_socket(socket_dir: Path, kind: str) -> None:
+    path = socket_dir / "gw.yaml"
+    if kind == "directory":
+        path = socket_dir
+    else:
+        path.write_text("admin: {socket: admin.sock}\n")
+    result = run_nexusctl("--socket", str(path), "status")
+    assert result.returncode == 2, result.stderr
+    assert f"{path} is a {kind}, not the master's admin socket" in result.stderr
+    assert "nothing accepts connections" not in result.stderr
+    assert "admin.socket" in result.stderr
+    assert "/run/nexus/admin.sock" in result.stderr
+
+
+def test_reload_names_reloaded_file(served, socket_dir: Path) -> None:
+    master, path = served
+    started_with = socket_dir / "gw.yaml"
+    started_with.write_text(f'admin: {{socket: "{path}"}}\n')
+    master.config_path = str(started_with)
+    result = run_nexusctl("--config", str(started_with), "reload")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^config_path +{re.escape(str(started_with))}$", result.stdout, re.MULTILINE)
+    assert result.stderr == ""
+
+
+def test_reload_notes_other_config(served, socket_dir: Path) -> None:
+    master, path = served
+    started_with = socket_dir / "gw.yaml"
+    other = socket_dir / "other.yaml"
+    for config in (started_with, other):
+        config.write_text(f'admin: {{socket: "{path}"}}\n')
+    master.config_path = str(started_with)
+    result = run_nexusctl("reload", "--config", str(other), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["config_path"] == str(started_with)
+    assert f"the master reloaded {started_with}, not {other}" in result.stderr
+    assert "--config only locates the admin socket" in result.stderr

@@ -173,7 +173,8 @@ def test_blocked_verb_does_not_block_status(served) -> None:
     assert client.call("GET", "/status")["generation"] == 1
     master.release_reload.set()
     thread.join(10)
-    assert results == [{"generation": 2, "config_hash": "cd" * 32}]
+    # The admin server adds the file the master reloaded to the master's reply.
+    assert results == [{"generation": 2, "config_hash": "cd" * 32, "config_path": master.config_path}]
 
 
 def test_default_socket_mode_is_0600(served) -> None:
@@ -371,9 +372,12 @@ def test_reconfigure_changes_mode_in_place(served) -> None:
 
 
 def test_too_long_path_rejected(socket_dir: Path) -> None:
-    path = str(socket_dir / ("x" * 100) / "admin.sock")
+    # The config check rejects a long path as written; a relative one only
+    # grows too long once resolved against the config file's directory.
+    master = StandInMaster("admin.sock")
+    master.config_path = str(socket_dir / ("x" * 100) / "nexus.yaml")
     with pytest.raises(AdminSocketError, match="limited to 107 bytes"):
-        AdminServer(StandInMaster(path)).start()
+        AdminServer(master).start()
 
 
 def test_client_timeout_message(served) -> None:

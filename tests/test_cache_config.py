@@ -38,6 +38,7 @@ def test_defaults():
         ("{coalesce_timeout: 0s}", "", "routes[0].cache.coalesce_timeout: invalid duration 0s"),
         ("{}", "cache: {l2: true}\n", "cache.l2: true needs a redis section"),
         ("{ttl: 1s}", "", "ttl"),
+        ("{key: {consumer: true}}", "", "routes[0].cache.key.consumer: true on a route with auth: none"),
     ],
 )
 def test_errors_name_the_key(cache, extra, message):

@@ -227,6 +227,21 @@ BAD_CONFIGS = [
         'routes[0]: missing required key "name"',
         id="missing-name",
     ),
+    pytest.param(
+        "reload_timeout: 10ms",
+        "reload_timeout: 0.01s is too short for workers to start: use at least 1s",
+        id="reload-timeout-too-short",
+    ),
+    pytest.param(
+        'listen: ["127.0.0.1:8080"]\nadmin: {metrics: "127.0.0.1:8080"}',
+        'admin.metrics: "127.0.0.1:8080" is also listen[0]: serve metrics on another port, such as 127.0.0.1:9901',
+        id="metrics-on-a-listen-address",
+    ),
+    pytest.param(
+        "admin: {socket: /tmp/" + "s" * 110 + "}",
+        "admin.socket: path of 115 bytes is longer than the 107 bytes a Unix socket path may have: choose a shorter path",
+        id="admin-socket-too-long",
+    ),
     # Unknown keys, with a suggestion when one is close.
     pytest.param(
         "bogus: 1",
@@ -718,7 +733,7 @@ def test_defaults() -> None:
     assert spec.health == HealthCheck(path="/", interval=0.25, timeout=0.1, unhealthy_after=2, healthy_after=2)
     assert spec.passive == PassiveHealth(consecutive_failures=3, eject_for=5.0)
     assert spec.timeouts == Timeouts(connect=1.0, response_header=10.0, total=30.0)
-    assert spec.retries == Retries(attempts=1, on=["connect_failure"], budget=0.2, min_concurrent=3)
+    assert spec.retries == Retries(attempts=1, on=["connect_failure", "reset"], budget=0.2, min_concurrent=3)
     assert spec.max_connections == 1024
 
     only = config.routes[0]

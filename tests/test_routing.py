@@ -172,6 +172,12 @@ def test_exact_path(request_path: str, expected: bool) -> None:
         ("/v1", "/v1", True),
         ("/v1", "/v1/catalog", True),
         ("/v1", "/v10", False),
+        # A trailing slash names the same subtree as the prefix without it.
+        ("/products/", "/products/1", True),
+        ("/products/", "/products/", True),
+        ("/products/", "/products", True),
+        ("/products/", "/productsx", False),
+        ("//", "/x", True),
         ("/", "/", True),
         ("/", "/x", True),
         ("/", "/x/y/", True),

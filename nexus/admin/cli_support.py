@@ -12,7 +12,8 @@ Exit statuses of every such verb:
   0  success
   1  the master rejected or failed the request (such as an invalid config
      on reload), or sent no response in time
-  2  usage error, or an invalid --config file
+  2  usage error, an invalid --config file, or a --socket path that is
+     not a socket (such as the config file)
   3  master not running: no socket, or nothing accepts on it
   4  permission denied on the admin socket
 """
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_STATUS_HELP",
     "Output",
     "admin_command",
+    "chosen_config",
     "config_option",
     "format_table",
     "resolve_socket",
@@ -43,8 +45,8 @@ __all__ = [
 ]
 
 EXIT_STATUS_HELP = (
-    "Exit status: 0 success; 1 the master rejected or failed the request; 2 usage error or invalid --config "
-    "file; 3 master not running; 4 permission denied on the admin socket."
+    "Exit status: 0 success; 1 the master rejected or failed the request; 2 usage error, invalid --config "
+    "file, or --socket not a socket; 3 master not running; 4 permission denied on the admin socket."
 )
 
 
@@ -71,6 +73,12 @@ def resolve_socket(socket_option: str | None, config_option: str | None) -> str:
     return default_socket_path()
 
 
+class ConfigFileError(click.ClickException):
+    """A --config file nexusctl cannot read the admin socket path from; nexusctl exits 2, as for a usage error."""
+
+    exit_code = 2
+
+
 def _read_admin_section(config_path: str) -> Admin:
     """Read only the admin section, so nexusctl reload works while other sections are invalid.
 
@@ -79,17 +87,31 @@ def _read_admin_section(config_path: str) -> Admin:
     """
     from nexus.config.yaml_loader import _parse_yaml
 
+    bypass = "or pass the socket with --socket PATH"
     try:
         with open(config_path, "rb") as file:
-            raw = _parse_yaml(file.read(), config_path)
-        section = raw.get("admin") if isinstance(raw, dict) else None
-        return msgspec.convert(section or {}, Admin)
+            data = file.read()
     except OSError as exc:
-        raise click.BadParameter(
-            f"cannot read the config file {config_path}: {exc.strerror or exc}", param_hint="--config"
+        raise ConfigFileError(
+            f"cannot read the config file {config_path}: {exc.strerror or exc}; fix --config, {bypass}"
         ) from None
+    try:
+        raw = _parse_yaml(data, config_path)
+    except ConfigError as exc:
+        # The loader's message starts with the path, which this one already names.
+        problem = str(exc).removeprefix(f"{config_path}: ")
+        raise ConfigFileError(
+            f"cannot read the admin socket path from {config_path}: {problem}; fix the file, {bypass}"
+        ) from None
+    try:
+        return msgspec.convert(raw.get("admin") or {}, Admin)
     except (ConfigError, msgspec.ValidationError) as exc:
-        raise click.BadParameter(f"invalid admin section in {config_path}: {exc}", param_hint="--config") from None
+        raise ConfigFileError(f"invalid admin section in {config_path}: {exc}; fix it, {bypass}") from None
+
+
+def chosen_config(ctx: click.Context) -> str | None:
+    """Return the --config FILE given to the verb or, before the verb, to nexusctl; None without one."""
+    return ctx.params.get("config_option") or ctx.find_root().params.get("config_option")
 
 
 def socket_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -135,10 +157,7 @@ def admin_command(function: Callable[..., None]) -> Callable[..., None]:
         timeout: float,
         **kwargs: Any,
     ) -> None:
-        group_options = ctx.find_root().params
-        path = resolve_socket(
-            socket_option or group_options.get("socket_option"), config_option or group_options.get("config_option")
-        )
+        path = resolve_socket(socket_option or ctx.find_root().params.get("socket_option"), chosen_config(ctx))
         client = AdminClient(path, timeout=timeout)
         try:
             function(client=client, output=Output(as_json), **kwargs)

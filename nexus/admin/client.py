@@ -10,17 +10,20 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import stat
 from typing import Any
 from urllib.parse import urlencode
 
 import msgspec
 
+from nexus.admin.paths import default_socket_path
 from nexus.admin.unix_socket import describe_owner
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_NOT_RUNNING",
     "EXIT_PERMISSION",
+    "EXIT_USAGE",
     "AdminClient",
     "AdminClientError",
 ]
@@ -28,6 +31,7 @@ __all__ = [
 # nexusctl's exit statuses for the ways a request can fail. 0 is success
 # and 2 a usage error or an invalid config file, as for `nexus check`.
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_PERMISSION = 4
 
@@ -113,6 +117,9 @@ class AdminClient:
                 f"nexus run --config FILE), or, if it runs with another socket, {choose}.",
                 EXIT_NOT_RUNNING,
             )
+        not_socket = self._not_socket_error()
+        if not_socket is not None:
+            return not_socket
         if isinstance(exc, ConnectionRefusedError):
             return AdminClientError(
                 f"master not running: nothing accepts connections on {self.path} (a socket left by a master that "
@@ -132,6 +139,22 @@ class AdminClient:
                 "check `nexusctl status` and the master's log, or pass a longer --timeout",
             )
         return AdminClientError(f"admin request to {self.path} failed: {exc.strerror or exc}")
+
+    def _not_socket_error(self) -> AdminClientError | None:
+        """Return the error for a path that exists but is no socket, such as the config file passed as --socket."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISSOCK(mode):
+            return None
+        kind = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(mode), "a special file")
+        return AdminClientError(
+            f"{self.path} is {kind}, not the master's admin socket. The socket is admin.socket in the master's "
+            f"config (pass --config FILE to read it from there), else {default_socket_path()}; pass that path "
+            "with --socket PATH.",
+            EXIT_USAGE,
+        )
 
     def _permission_message(self) -> str:
         try:

@@ -6,12 +6,13 @@ by default, the master's JSON with --json.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import click
 
-from nexus.admin.cli_support import Output, admin_command, format_table, format_value
+from nexus.admin.cli_support import Output, admin_command, chosen_config, format_table, format_value
 from nexus.admin.client import AdminClient
 
 __all__ = ["COMMANDS"]
@@ -38,10 +39,20 @@ def workers(client: AdminClient, output: Output) -> None:
 def reload(client: AdminClient, output: Output) -> None:
     """Reload the config: start a new worker generation, then drain the old one.
 
-    An invalid config is rejected with the same message as `nexus check`,
-    and the running generation keeps serving.
+    The master reloads the file it was started with; --config only tells
+    nexusctl where the admin socket is. An invalid config is rejected with
+    the same message as `nexus check`, and the running generation keeps
+    serving.
     """
-    output.show(client.call("POST", "/reload"), lambda result: _action_text("reloaded", result))
+    result = client.call("POST", "/reload")
+    if isinstance(result, dict) and "config_path" not in result:
+        # A master older than the config_path field in the reload reply.
+        result["config_path"] = client.call("GET", "/status").get("config_path")
+    output.show(result, lambda result: _action_text("reloaded", result))
+    reloaded = result.get("config_path") if isinstance(result, dict) else None
+    note = _other_config_note(chosen_config(click.get_current_context()), reloaded)
+    if note is not None:
+        click.echo(f"nexusctl: note: {note}", err=True)
 
 
 @click.command()
@@ -126,6 +137,17 @@ def _workers_table(workers_list: list[dict[str, Any]]) -> str:
         rows.append(row)
     headers = ["slot", "pid", "cpu", "gen", "state", "uptime", "requests", "restarts"]
     return format_table(headers, rows)
+
+
+def _other_config_note(socket_config: str | None, reloaded: str | None) -> str | None:
+    """Return a note when --config names another file than the one the master reloaded, else None."""
+    if socket_config is None or reloaded is None or os.path.realpath(socket_config) == os.path.realpath(reloaded):
+        return None
+    return (
+        f"the master reloaded {reloaded}, not {socket_config}: --config only locates the admin socket, and the master "
+        "always reloads the file it was started with. To serve another file, copy it over that one and reload, "
+        "or restart the master with `nexus run --config FILE`."
+    )
 
 
 def _action_text(verb: str, result: Any) -> str:

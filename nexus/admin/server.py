@@ -61,11 +61,17 @@ def master_routes(master: Master) -> dict[tuple[str, str], AdminHandler]:
     return {
         ("GET", "/status"): lambda query, body: master.status(),
         ("GET", "/workers"): lambda query, body: _workers(master.status()),
-        ("POST", "/reload"): lambda query, body: master.request_reload(),
+        ("POST", "/reload"): lambda query, body: _reload(master),
         ("POST", "/upgrade"): lambda query, body: master.request_upgrade(),
         ("POST", "/drain"): lambda query, body: master.drain(),
         ("POST", "/resume"): lambda query, body: master.resume(),
     }
+
+
+def _reload(master: Master) -> dict[str, Any]:
+    # The reply names the file reloaded: the one the master was started
+    # with, whatever config file the client read the socket path from.
+    return {**master.request_reload(), "config_path": master.config_path}
 
 
 def _workers(status: dict[str, Any]) -> dict[str, Any]:

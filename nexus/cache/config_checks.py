@@ -23,6 +23,11 @@ def check_cache(config: Config, check_header_name: Callable[[str, str], None]) -
     for i, route in enumerate(config.routes):
         if route.cache is not None:
             _check_route_cache(f"routes[{i}].cache", route.cache, config.shared_memory.cache_max_object, check_header_name)
+            if route.cache.key.consumer and route.auth == "none":
+                raise ConfigError(
+                    f"routes[{i}].cache.key.consumer: true on a route with auth: none, where no request has a "
+                    "consumer: set auth: api_key or optional on the route, or key.consumer: false"
+                )
 
 
 def _check_route_cache(where: str, cache: RouteCache, store_max_object: int, check_header_name) -> None:

@@ -23,7 +23,7 @@ from nexus.cache.key import KeyRules, parse_key
 from nexus.shm import _native
 from nexus.shm.cache import CacheStore
 
-__all__ = ["L1Purger", "PurgeTarget", "invalidate_unsafe", "is_same_url", "parse_purge_url"]
+__all__ = ["L1Purger", "PurgeTarget", "check_purge_value", "invalidate_unsafe", "is_same_url", "parse_purge_url"]
 
 log = logging.getLogger("nexus.cache")
 
@@ -51,6 +51,41 @@ def parse_purge_url(url: str) -> PurgeTarget:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"invalid purge URL {url!r}: expected http://host/path or a path starting with /")
     return PurgeTarget(parts.path or "/", parts.query.encode("latin-1"), parts.netloc.lower())
+
+
+def check_purge_value(kind: str, value: str) -> None:
+    """Check a purge's URL, prefix or tag before it is applied anywhere.
+
+    Raises ValueError naming the value (control characters escaped) and the
+    expected form. Stored keys contain the request target as clients send
+    it, which HTTP limits to visible ASCII (RFC 9112 section 3.2), so a URL
+    with other characters could never match. The tag headers separate tags
+    with spaces and commas.
+    """
+    label = "URL" if kind == "url" else kind
+    if not value:
+        expected = "a tag" if kind == "tag" else "a path starting with / or an http:// URL"
+        raise ValueError(f"invalid purge {label}: it is empty; give {expected}")
+    rejected = next((char for char in value if char.isspace() or not char.isprintable()), None)
+    if kind != "tag" and rejected is None:
+        rejected = next((char for char in value if not char.isascii()), None)
+    if rejected is not None:
+        if rejected.isspace():
+            character_kind = "white space"
+        elif rejected.isprintable():
+            character_kind = "a non-ASCII character"
+        else:
+            character_kind = "a non-printable character"
+        fix = (
+            "a tag is one word of Surrogate-Key or Cache-Tag"
+            if kind == "tag"
+            else "percent-encode it as clients send it (%20 for a space)"
+        )
+        raise ValueError(f"invalid purge {label} {value!r}: it contains {character_kind} ({rejected!r}): {fix}")
+    if kind == "tag" and "," in value:
+        raise ValueError(f"invalid purge tag {value!r}: Surrogate-Key and Cache-Tag separate tags with commas")
+    if kind != "tag":
+        parse_purge_url(value)
 
 
 class L1Purger:

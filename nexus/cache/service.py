@@ -36,10 +36,12 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from nexus.cache.invalidation import L1Purger, PurgeTarget, is_same_url, parse_purge_url
+from nexus.cache.invalidation import L1Purger, PurgeTarget, check_purge_value, is_same_url, parse_purge_url
 from nexus.cache.key import KeyRules, parse_key, tag_hash
 from nexus.cache.l2 import l2_key_prefix, scan_pattern, tag_generation_keys
 from nexus.config import Config
+from nexus.config import Redis as RedisConfig
+from nexus.routing import RouteTable
 from nexus.services import AdminError
 
 __all__ = ["CacheService"]
@@ -100,17 +102,30 @@ class CacheService:
             self._thread.join(_BLOCK_MS / 1000 * 4)
         if self._publisher is not None:
             self._publisher.close()
+            self._publisher = None
 
     def handoff(self) -> dict[str, Any]:
         """What the next master's cache service continues from on an upgrade."""
         return {"last_id": self.last_id}
 
     def reconfigure(self, config: Config) -> None:
-        # NOTE: a change of the redis section applies after a restart: the
-        # listener keeps the connection settings it started with.
-        redis_config = self._redis_config
+        if config.redis == self._redis_config:
+            self._configure(config)
+            return
+        # Another Redis (or Redis added or removed): purges must go through
+        # the new one at once, or a purge made here would miss the L2 that
+        # the new workers use. The listener is restarted on it; a stream
+        # there is another stream, so reading starts from its current end.
+        self.stop()
+        with self._publish_lock:
+            self._publisher = None
+        self._stop = threading.Event()
+        self._thread = None
+        if not _same_stream(self._redis_config, config.redis):
+            self.last_id = None
         self._configure(config)
-        self._redis_config = redis_config
+        self.start()
+        log.info("cache purges now use redis=%s", "on" if config.redis is not None else "off")
 
     def admin_routes(self) -> dict[tuple[str, str], Any]:
         return {("POST", "/cache/purge"): self.handle_purge, ("GET", "/cache/stats"): self.handle_stats}
@@ -128,15 +143,25 @@ class CacheService:
     def handle_purge(self, query: dict[str, str], body: Any) -> dict[str, Any]:
         kind, value, soft = _parse_purge_body(body)
         purged = self.apply(kind, value, soft)
-        result: dict[str, Any] = {"kind": kind, "value": value, "soft": soft, "purged_local": purged, "nodes": "local"}
+        # A tag purge records a time in the tag table and counts nothing,
+        # so it reports null rather than a misleading 0.
+        result: dict[str, Any] = {
+            "kind": kind,
+            "value": value,
+            "soft": soft,
+            "purged_local": None if kind == "tag" else purged,
+            "nodes": "local",
+        }
+        result.update(_purge_explanation(self.config, kind, value, purged))
         if self._redis_config is not None:
             try:
                 self._publish(kind, value, soft)
             except _FAILURES as exc:
                 log.warning("cache purge not sent to other nodes kind=%s value=%s error=%r", kind, value, exc)
+                local = "purged on this node" if kind == "tag" else f"purged on this node ({purged} entries)"
                 raise AdminError(
                     503,
-                    f"purged on this node ({purged} entries), but Redis failed, so other nodes and L2 still "
+                    f"{local}, but Redis failed, so other nodes and L2 still "
                     f"hold the entries: {exc}; retry the purge when Redis is back",
                 ) from None
             result["nodes"] = "all"
@@ -279,20 +304,60 @@ def _parse_purge_body(body: Any) -> tuple[str, str, bool]:
         raise AdminError(400, 'invalid purge request: give exactly one of "url", "prefix" or "tag"')
     kind = kinds[0]
     value = body[kind]
-    if not isinstance(value, str) or not value.strip():
-        raise AdminError(400, f'invalid purge request: "{kind}" must be a non-empty string')
+    if not isinstance(value, str):
+        raise AdminError(400, f'invalid purge request: "{kind}" must be a string')
     soft = body.get("soft", False)
     if not isinstance(soft, bool):
         raise AdminError(400, 'invalid purge request: "soft" must be true or false')
     unknown = sorted(set(body) - {kind, "soft"})
     if unknown:
         raise AdminError(400, f"invalid purge request: unknown fields {', '.join(unknown)}")
-    if kind != "tag":
-        try:
-            parse_purge_url(value)
-        except ValueError as exc:
-            raise AdminError(400, str(exc)) from None
+    try:
+        check_purge_value(kind, value)
+    except ValueError as exc:
+        raise AdminError(400, str(exc)) from None
     return kind, value, soft
+
+
+def _purge_explanation(config: Config, kind: str, value: str, purged: int) -> dict[str, Any]:
+    """Return the route a URL or prefix purge matched and notes on why it may have purged nothing."""
+    if kind == "tag":
+        return {
+            "route": None,
+            "notes": [
+                "a tag purge has no count: it records the purge time for the tag, and each entry with the tag "
+                "is dropped when it is next requested"
+            ],
+        }
+    target = parse_purge_url(value)
+    # Routes are matched as for a GET without headers, so a route that
+    # needs a method or header condition is not found here.
+    route = RouteTable(config.routes).match(target.host, target.path, "GET", {})
+    notes = []
+    if route is None and target.host is None:
+        notes.append(
+            f"no route without match.host matches GET {target.path}, so nothing is cached under it; "
+            "give a full URL to purge on a route with match.host"
+        )
+    elif route is None:
+        notes.append(f"no route matches GET {target.path} on host {target.host}, so nothing is cached under it")
+    elif route.cache is None or not route.cache.enabled:
+        reason = "has no cache section" if route.cache is None else "has cache.enabled: false"
+        notes.append(f"route {route.name} matches {target.path} but {reason}, so it caches nothing")
+    elif purged == 0:
+        notes.append(_nothing_matched(kind, target))
+    return {"route": route.name if route is not None else None, "notes": notes}
+
+
+def _nothing_matched(kind: str, target: PurgeTarget) -> str:
+    target_kind = "URL" if kind == "url" else "prefix"
+    if target.host is None:
+        return f"no entry on this node matched the {target_kind}: it is not cached here (other nodes purge their own)"
+    return (
+        f"no entry on this node matched the {target_kind} on host {target.host}: the host must equal the Host "
+        "header of the cached requests, port included (requests to 127.0.0.1:18080 are purged with "
+        "http://127.0.0.1:18080/...); a path without a host matches every host"
+    )
 
 
 def _decode(value: str | bytes) -> str:
@@ -304,3 +369,8 @@ def _stream_id(value: str) -> tuple[int, int]:
     return int(milliseconds or 0), int(sequence or 0)
 
 
+def _same_stream(old: RedisConfig | None, new: RedisConfig | None) -> bool:
+    """Whether two redis sections name the same purge stream (other settings may differ)."""
+    if old is None or new is None:
+        return False
+    return (old.url, old.cluster, old.key_prefix) == (new.url, new.cluster, new.key_prefix)

@@ -35,7 +35,11 @@ def _validate(config: Config) -> None:
     _check_listen(config.listen)
     _check_workers(config.workers)
     _check_positive("reload_timeout", config.reload_timeout)
-    _check_admin(config.admin)
+    if config.reload_timeout < 1.0:
+        raise ConfigError(
+            f"reload_timeout: {config.reload_timeout:g}s is too short for workers to start: use at least 1s"
+        )
+    _check_admin(config.admin, config.listen)
     _check_access_log(config.access_log.path)
     _check_limits(config.limits)
     _check_shared_memory(config.shared_memory)
@@ -74,9 +78,16 @@ def _check_access_log(path: str | None) -> None:
         raise ConfigError('access_log.path: empty path: give a file path, "-" for stderr, or null for no access log')
 
 
-def _check_admin(admin: Admin) -> None:
+def _check_admin(admin: Admin, listen: list[str]) -> None:
     if admin.socket is not None and not admin.socket.strip():
         raise ConfigError('admin.socket: empty path: give a Unix socket path, such as "/run/nexus/admin.sock", or null')
+    # sun_path holds 108 bytes with the terminating NUL; a relative path is
+    # resolved against the config file's directory, so it can only grow.
+    if admin.socket is not None and len(admin.socket.encode()) > 107:
+        raise ConfigError(
+            f"admin.socket: path of {len(admin.socket.encode())} bytes is longer than the 107 bytes a Unix socket "
+            "path may have: choose a shorter path"
+        )
     if isinstance(admin.socket_mode, int):
         raise ConfigError(
             f"admin.socket_mode: invalid value {admin.socket_mode}: YAML reads an unquoted mode as a number "
@@ -89,9 +100,15 @@ def _check_admin(admin: Admin) -> None:
         )
     if admin.metrics is not None:
         try:
-            parse_listen_address(admin.metrics)
+            metrics = parse_listen_address(admin.metrics)
         except ValueError as exc:
             raise ConfigError(f"admin.metrics: {exc}") from None
+        for i, address in enumerate(listen):
+            if metrics[1] != 0 and parse_listen_address(address) == metrics:
+                raise ConfigError(
+                    f"admin.metrics: {show_value(admin.metrics)} is also listen[{i}]: "
+                    "serve metrics on another port, such as 127.0.0.1:9901"
+                )
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:

@@ -127,7 +127,9 @@ class Retries(_Section):
     """Retry policy; `attempts` counts retries after the first try."""
 
     attempts: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
-    on: list[RetryCondition] = msgspec.field(default_factory=lambda: ["connect_failure"])
+    # A reset is retried only for idempotent requests (see nexus.proxy), as
+    # nginx's default proxy_next_upstream does for errors.
+    on: list[RetryCondition] = msgspec.field(default_factory=lambda: ["connect_failure", "reset"])
     budget: Ratio = Ratio(0.2)
     min_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 3
 

@@ -88,6 +88,21 @@ class ObservabilityService:
         if self.writer is not None:
             self.writer.close()
 
+    def check(self, config: Config) -> None:
+        """Reject a reload whose new access log path cannot be opened for appending."""
+        path = config.access_log.path
+        if path is None or path == "-" or path == self.config.access_log.path:
+            return
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise AdminError(
+                422,
+                f"access_log.path: cannot open {path!r} for appending: {exc.strerror}; "
+                "create its directory with write access for the service user, or choose another path",
+            ) from None
+
     def reconfigure(self, config: Config) -> None:
         old = self.config
         self.config = config

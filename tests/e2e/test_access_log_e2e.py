@@ -140,3 +140,25 @@ def test_reopen_on_sigusr1_and_nexusctl(tmp_path, upstream_factory, gateway_fact
     wait_for(lambda: len(lines(log_path)) == 1, 5, message="a line in the newest file")
     assert lines(log_path)[0]["status"] == 202
     assert gateway.process.poll() is None
+
+
+def test_reload_rejects_unwritable_access_log(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    log_path = tmp_path / "access.log"
+    socket = admin_socket_dir(tmp_path) / "a.sock"
+    gateway = gateway_factory(keyed_config(upstream.url, socket, {"path": str(log_path)}))
+    before = AdminClient(str(socket)).call("GET", "/status")
+
+    missing = tmp_path / "no-such-dir" / "access.log"
+    gateway.config_path.write_text(keyed_config(upstream.url, socket, {"path": str(missing)}))
+    reload = subprocess.run([*NEXUSCTL, "reload", "--socket", str(socket)], capture_output=True, text=True, timeout=30)
+
+    assert reload.returncode != 0
+    assert "access_log.path" in reload.stderr
+    assert str(missing) in reload.stderr
+    # The running generation keeps serving and logging where it did.
+    after = AdminClient(str(socket)).call("GET", "/status")
+    assert after["generation"] == before["generation"]
+    assert [worker["pid"] for worker in after["workers"]] == [worker["pid"] for worker in before["workers"]]
+    request(gateway.url, path="/status/200")
+    wait_for(lambda: len(lines(log_path)) == 1, 5, message="a line in the old access log")

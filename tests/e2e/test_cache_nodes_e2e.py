@@ -155,6 +155,88 @@ def test_purge_bad_request(origin, gateway_factory, socket_dir):
         AdminClient(str(sock)).call("POST", "/cache/purge", body={"url": "ftp://x"})
     assert "invalid purge URL" in str(error.value)
 
+    # White space, control characters and empty values could never match an entry.
+    for body, message in [
+        ({"tag": ""}, "invalid purge tag: it is empty"),
+        ({"tag": "a b"}, "invalid purge tag 'a b': it contains white space"),
+        ({"url": "/products/1 2"}, "invalid purge URL '/products/1 2': it contains white space"),
+        ({"prefix": "/p\x01"}, "invalid purge prefix '/p\\x01': it contains a non-printable character"),
+    ]:
+        with pytest.raises(AdminClientError) as error:
+            AdminClient(str(sock)).call("POST", "/cache/purge", body=body)
+        assert error.value.status == 400, body
+        assert message in error.value.message, body
+
+
+def _two_route_config(upstream_url: str, admin_socket: Path) -> str:
+    return f"""
+listen: ["127.0.0.1:0"]
+workers: 1
+admin: {{socket: "{admin_socket}", metrics: null}}
+upstreams:
+  app: {{targets: ["{upstream_url}"]}}
+routes:
+  - {{name: cached, upstream: app, match: {{path_prefix: /c/}}, cache: {{}}}}
+  - {{name: plain, upstream: app, match: {{path_prefix: /plain/}}}}
+"""
+
+
+def test_purge_reply_names_route(origin, gateway_factory, socket_dir):
+    sock = socket_dir / "a.sock"
+    url = gateway_factory(_two_route_config(origin.url, sock), workers=1).url
+    host, port = host_port(url)
+    admin = AdminClient(str(sock))
+    origin.respond("/c/1", headers=[("Cache-Control", "max-age=60"), ("Surrogate-Key", "red")])
+    send(url, "/c/1")
+    assert "hit" in _status(send(url, "/c/1"))
+
+    uncached = admin.call("POST", "/cache/purge", body={"url": "/plain/1"})
+    assert uncached["route"] == "plain"
+    assert uncached["purged_local"] == 0
+    assert uncached["notes"] == ["route plain matches /plain/1 but has no cache section, so it caches nothing"]
+
+    unrouted = admin.call("POST", "/cache/purge", body={"prefix": "/elsewhere/"})
+    assert unrouted["route"] is None
+    assert "no route without match.host matches GET /elsewhere/" in unrouted["notes"][0]
+
+    # The host of a purge URL is the requests' Host header, port included.
+    without_port = admin.call("POST", "/cache/purge", body={"url": f"http://{host}/c/1"})
+    assert without_port["route"] == "cached"
+    assert without_port["purged_local"] == 0
+    assert f"no entry on this node matched the URL on host {host}" in without_port["notes"][0]
+    assert "port included" in without_port["notes"][0]
+    assert "hit" in _status(send(url, "/c/1"))
+
+    with_port = admin.call("POST", "/cache/purge", body={"url": f"http://{host}:{port}/c/1"})
+    assert with_port["purged_local"] == 1
+    assert with_port["notes"] == []
+
+    send(url, "/c/1")
+    tagged = admin.call("POST", "/cache/purge", body={"tag": "red"})
+    assert tagged["purged_local"] is None
+    assert "a tag purge has no count" in tagged["notes"][0]
+    assert "hit" not in _status(send(url, "/c/1"))
+
+
+def test_nexusctl_purge_text_notes(origin, gateway_factory, socket_dir):
+    sock = socket_dir / "a.sock"
+    gateway_factory(_two_route_config(origin.url, sock), workers=1)
+    nexusctl = [sys.executable, "-c", "from nexus.cli import nexusctl; nexusctl()", "purge", "--socket", str(sock)]
+
+    result = subprocess.run([*nexusctl, "/plain/1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "purged url /plain/1 on this node only (no Redis configured), 0 entries on this node",
+        "route: plain",
+        "note: route plain matches /plain/1 but has no cache section, so it caches nothing",
+    ]
+
+    result = subprocess.run([*nexusctl, "--tag", "red"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "purged tag red on this node only (no Redis configured)"
+    assert "0 entries" not in result.stdout
+    assert "note: a tag purge has no count" in result.stdout
+
 
 def test_nexusctl_purge(origin, gateway_factory, socket_dir):
     sock = socket_dir / "a.sock"

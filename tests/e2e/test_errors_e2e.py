@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from conftest import wait_for
 from proxy_support import Reply, parse_raw, send, send_raw
 
@@ -279,3 +281,21 @@ def test_errors_in_a_row_keep_worker(upstream_factory, gateway_factory):
         assert ok.header("x-upstream") == "app"
     assert gateway.serving_pids() == gateway.worker_pids
     assert "unhandled error" not in gateway.log()
+
+
+@pytest.mark.parametrize(
+    "host_lines",
+    [b"", b"Host: a.example\r\nHost: b.example\r\n", b"Host: a b\r\n"],
+    ids=["missing", "repeated", "invalid"],
+)
+def test_bad_host_is_400(upstream_factory, gateway_factory, host_lines):
+    # RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one valid Host.
+    upstream = upstream_factory("app")
+    gateway = gateway_factory(_config([upstream.url]), workers=1)
+    head = b"GET /status/200 HTTP/1.1\r\n" + host_lines + b"Connection: close\r\n\r\n"
+
+    reply = parse_raw(send_raw(gateway.url, head, wait=5))
+
+    problem = _assert_problem(reply, 400, "bad_request")
+    assert "Host" in problem["detail"]
+    _assert_still_serving(gateway)

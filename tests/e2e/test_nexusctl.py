@@ -109,6 +109,22 @@ def test_reload_starts_next_generation(running) -> None:
     assert get(gateway.addresses[0], "/status/200")[0] == 200
 
 
+def test_reload_with_other_config_notes_real_file(running) -> None:
+    gateway, socket_path, config_path, upstream = running
+    other = config_path.with_name("other.yaml")
+    other.write_text(config_text(upstream.url, socket_path, route="other"))
+    result = run_nexusctl("--config", str(other), "reload", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["config_path"] == str(config_path.resolve())
+    assert f"the master reloaded {config_path.resolve()}, not {other}" in result.stderr
+    assert "always reloads the file it was started with" in result.stderr
+
+    result = run_nexusctl("--config", str(config_path), "reload")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^config_path +{re.escape(str(config_path.resolve()))}$", result.stdout, re.MULTILINE)
+    assert result.stderr == ""
+
+
 def test_reload_rejected_like_check(running) -> None:
     gateway, socket_path, config_path, upstream = running
     config_path.write_text(config_text(upstream.url, socket_path).replace("upstream: app}", "upstream: billing}"))
