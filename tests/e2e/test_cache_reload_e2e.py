@@ -62,6 +62,13 @@ def test_reload_adding_redis_purges_through_it(origin, gateway_factory, socket_d
     generation = admin.call("POST", "/reload")["generation"]
     assert generation == 2
 
+    # Old workers accept for a moment while they drain, and they have no L2.
+    def only_new_workers() -> bool:
+        workers = admin.call("GET", "/status")["workers"]
+        return [worker["generation"] for worker in workers] == [2, 2]
+
+    wait_for(only_new_workers, 10, message="the first generation to be gone")
+
     origin.respond("/item", headers=[("Cache-Control", "max-age=60")])
     send(gateway.url, "/item")
 
