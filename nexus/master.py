@@ -93,7 +93,7 @@ KEEPALIVE_CLOSE_GRACE = 0.5
 REQUEST_MARGIN = 15.0
 
 
-# Signals that ask for an admin action; nobody waits for the result, the log has it.
+# Signals that request an admin action. No caller waits for the result, which is logged.
 _SIGNAL_ACTIONS = {signal.SIGHUP: "reload", signal.SIGUSR2: "upgrade"}
 
 

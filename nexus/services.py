@@ -28,7 +28,7 @@ __all__ = ["AdminError", "AdminHandler", "Service", "master_services"]
 
 
 class AdminError(Exception):
-    """An admin request that failed; `status` is its HTTP status, the message says what to do."""
+    """An admin request that failed, with its HTTP `status` and a message that names the fix."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

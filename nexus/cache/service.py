@@ -105,7 +105,7 @@ class CacheService:
             self._publisher = None
 
     def handoff(self) -> dict[str, Any]:
-        """What the next master's cache service continues from on an upgrade."""
+        """Return the state the next master's cache service continues from on an upgrade."""
         return {"last_id": self.last_id}
 
     def reconfigure(self, config: Config) -> None:
@@ -370,7 +370,7 @@ def _stream_id(value: str) -> tuple[int, int]:
 
 
 def _same_stream(old: RedisConfig | None, new: RedisConfig | None) -> bool:
-    """Whether two redis sections name the same purge stream (other settings may differ)."""
+    """Return whether two redis sections name the same purge stream (other settings may differ)."""
     if old is None or new is None:
         return False
     return (old.url, old.cluster, old.key_prefix) == (new.url, new.cluster, new.key_prefix)

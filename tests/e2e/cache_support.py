@@ -6,16 +6,22 @@ A test sets, per path, the status, header fields and body to answer with
 configured ETag (or whose If-Modified-Since is not older than the configured
 Last-Modified) with 304, as an origin would. Every request is recorded
 with its method, path and header fields, so a test can count what reached
-the upstream.
+the upstream. The `origin` and `socket_dir` fixtures are shared by the
+cache test modules, which import them.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 
 @dataclass
@@ -198,3 +204,19 @@ class TcpRelay:
                     end.close()
                 except OSError:
                     pass
+
+
+@pytest.fixture
+def origin():
+    """A running CacheUpstream, stopped when the test ends."""
+    upstream = CacheUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def socket_dir():
+    """A short temporary directory for admin sockets, whose paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="nx-cache-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,26 +14,13 @@ import pytest
 
 from nexus.admin.client import AdminClient
 from tests.conftest import ROOT, wait_for
-from tests.e2e.cache_support import CacheUpstream, TcpRelay
+from tests.e2e.cache_support import TcpRelay, origin, socket_dir  # noqa: F401 - fixtures
 from tests.e2e.proxy_support import host_port, send
 from tests.redis_support import redis_cluster, redis_server_factory  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def origin():
-    upstream = CacheUpstream()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def socket_dir():
-    # Unix socket paths must stay under 108 bytes, so not under a long tmp_path.
-    path = Path(tempfile.mkdtemp(prefix="nx-cache-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(

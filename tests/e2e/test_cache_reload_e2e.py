@@ -7,34 +7,19 @@ or the next request would get the purged response back from L2.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from nexus.admin.client import AdminClient
 from tests.conftest import wait_for
-from tests.e2e.cache_support import CacheUpstream
+from tests.e2e.cache_support import origin, socket_dir  # noqa: F401 - fixtures
 from tests.e2e.proxy_support import send
 from tests.redis_support import redis_server_factory  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def origin():
-    upstream = CacheUpstream()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def socket_dir():
-    # Unix socket paths must stay under 108 bytes, so not under a long tmp_path.
-    path = Path(tempfile.mkdtemp(prefix="nx-cache-reload-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(upstream_url: str, admin_socket: Path, redis_url: str | None = None) -> str:

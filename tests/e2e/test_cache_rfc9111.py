@@ -6,17 +6,11 @@ import time
 
 import pytest
 
-from tests.e2e.cache_support import CacheUpstream, http_date
+from tests.e2e.cache_support import http_date, origin  # noqa: F401 - fixtures
 from tests.e2e.proxy_support import send
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture
-def origin():
-    upstream = CacheUpstream()
-    yield upstream
-    upstream.stop()
 
 
 def _config(upstream_url: str, cache: str = "{}", extra_routes: str = "") -> str:
