@@ -50,6 +50,7 @@ from nexus.redis_sync import RedisSync
 from nexus.sd_notify import Notifier, Watchdog
 from nexus.services import AdminError, Service, master_services
 from nexus.shm.metrics import MetricLayout, MetricSlots
+from nexus.shm.ring import RingSet
 from nexus.shm.state import SharedState, table_shape
 from nexus.shm.workers import WorkerState
 from nexus.socket_activation import SocketActivationError, activated_sockets
@@ -159,6 +160,10 @@ class Master(UpgradeSteps):
         reloads and upgrades: a retired table stays mapped and keeps its counts.
         """
         return list(self._metric_tables)
+
+    def ring_sources(self) -> list[tuple[Config, RingSet, range]]:
+        """(config, rings, slots) of each live generation: whose records its rings hold, named by which config."""
+        return [(generation.config, generation.shared.rings, generation.slots) for generation in list(self._generations)]
 
     def counters(self) -> dict[str, Any]:
         counters = self._counters

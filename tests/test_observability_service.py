@@ -99,3 +99,42 @@ def test_unwritable_log_path_leaves_the_log_off(tmp_path):
         assert ObservabilityService(MasterTables(config, shared, layout)).writer is None
     finally:
         shared.close()
+
+
+@dataclass
+class ReloadingMaster(MasterTables):
+    """A master in the middle of a reload: each live generation's config, rings and slots."""
+
+    sources: list = None
+
+    def ring_sources(self):
+        return list(self.sources)
+
+
+def test_each_generation_is_named_by_its_own_config(tmp_path):
+    # The new config puts a route in front of `catalog`, so route ids shift:
+    # an old worker's record read with the new names would say `first`.
+    old = parse_config(CONFIG + f"access_log: {{path: {json.dumps(str(tmp_path / 'access.log'))}}}\n")
+    new = parse_config(CONFIG.replace("routes: [", "routes: [{name: first, upstream: app, match: {path_prefix: /first}}, ") + f"access_log: {{path: {json.dumps(str(tmp_path / 'access.log'))}}}\n")
+    layout = build_layout(old)
+    shared = SharedState.create(old, 4, layout)
+    master = ReloadingMaster(old, shared, layout, sources=[(old, shared.rings, range(0, 2)), (new, shared.rings, range(2, 4))])
+    service = ObservabilityService(master)
+    try:
+        AccessRecorder(shared.rings[0], Names(old)).record(0, 1, "GET", 200, "catalog", None, None, 1, None, None, None, "a", 0)
+        AccessRecorder(shared.rings[2], Names(new)).record(0, 1, "GET", 200, "first", None, None, 1, None, None, None, "b", 0)
+        assert service.drain_once() == 2
+
+        # The old generation retires; what its worker pushed just before it
+        # exited is drained once more after it left the master's list.
+        AccessRecorder(shared.rings[1], Names(old)).record(0, 1, "GET", 200, "catalog", None, None, 1, None, None, None, "c", 0)
+        master.sources = master.sources[1:]
+        assert service.drain_once() == 1
+        AccessRecorder(shared.rings[1], Names(old)).record(0, 1, "GET", 200, "catalog", None, None, 1, None, None, None, "d", 0)
+        assert service.drain_once() == 0
+    finally:
+        service.stop()
+        shared.close()
+
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert [(line["request_id"], line["route"]) for line in lines] == [("a", "catalog"), ("b", "first"), ("c", "catalog")]

@@ -290,9 +290,10 @@ class CacheService:
         self.applied += 1
 
     def _clear(self, reason: str) -> None:
-        log.warning("clearing the cache of this node: %s", reason)
+        # Logged after the clear, so a reader of the log knows it is done.
         self.purger.clear()
         self.clears += 1
+        log.warning("cleared the cache of this node: %s", reason)
 
 
 def _parse_purge_body(body: Any) -> tuple[str, str, bool]:

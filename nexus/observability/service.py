@@ -55,7 +55,10 @@ class ObservabilityService:
         self.master = master
         self.config: Config = master.config
         self.usage = UsageTable()
-        self.names = Names(self.config)
+        # Names of each live generation's config, by id(config): (config, names).
+        self._names: dict[int, tuple[Config, Names]] = {}
+        # The rings drained last pass, by (id(ring set), first slot).
+        self._last_sources: dict[tuple[int, int], tuple[Config, Any, range]] = {}
         # Handlers for ring records of other kinds, by kind: handler(worker, row).
         self.ring_handlers: dict[int, Callable[[int, tuple[int, ...]], None]] = {}
         self.records_drained = 0
@@ -109,9 +112,6 @@ class ObservabilityService:
         # The new generation may have new tables (more workers, other targets).
         self.collector.config = config
         self.collector.shared = self.master.shared
-        # Records that the old generation's workers push after this are read
-        # with the new names; a renamed route or consumer shows the new name.
-        self.names = Names(config)
         if config.access_log != old.access_log:
             with self._drain_lock:
                 if self.writer is not None:
@@ -141,20 +141,52 @@ class ObservabilityService:
                 log.exception("draining the event rings failed; retrying in %g s", DRAIN_INTERVAL)
 
     def drain_once(self) -> int:
-        """Empty every worker's ring once; return the access records read."""
+        """Empty every worker's ring once; return the access records read.
+
+        Each generation's records are named by its own config: during a
+        reload the old workers still push route and target ids of the old
+        config, which may mean other routes in the new one. A generation
+        that has retired since the last pass is drained once more, so the
+        records its workers pushed just before they exited are kept.
+        """
         read = 0
         with self._drain_lock:
-            for worker, ring in enumerate(self.master.shared.rings):
-                rows = ring.drain()
-                if not rows:
-                    continue
-                records = decode(rows, worker, self.names, self.ring_handlers)
-                read += len(records)
-                self.usage.add(records)
-                if self.writer is not None:
-                    self.writer.write(records)
+            sources = self._ring_sources()
+            for config, rings, slots in {**self._last_sources, **sources}.values():
+                names = self._names_of(config)
+                for worker in slots:
+                    read += self._drain_ring(rings[worker], worker, names)
+            self._last_sources = sources
+            live = {id(config) for config, _, _ in sources.values()}
+            self._names = {key: cached for key, cached in self._names.items() if key in live}
         self.records_drained += read
         return read
+
+    def _drain_ring(self, ring, worker: int, names: Names) -> int:
+        rows = ring.drain()
+        if not rows:
+            return 0
+        records = decode(rows, worker, names, self.ring_handlers)
+        self.usage.add(records)
+        if self.writer is not None:
+            self.writer.write(records)
+        return len(records)
+
+    def _ring_sources(self) -> dict[tuple[int, int], tuple[Config, Any, range]]:
+        """The live generations' rings, keyed by (ring set, first slot)."""
+        sources = getattr(self.master, "ring_sources", None)
+        if sources is None:
+            listed = [(self.config, self.master.shared.rings, range(len(self.master.shared.rings)))]
+        else:
+            listed = sources()
+        return {(id(rings), slots.start): (config, rings, slots) for config, rings, slots in listed}
+
+    def _names_of(self, config: Config) -> Names:
+        cached = self._names.get(id(config))
+        if cached is None or cached[0] is not config:
+            cached = (config, Names(config))
+            self._names[id(config)] = cached
+        return cached[1]
 
     # Admin routes.
 

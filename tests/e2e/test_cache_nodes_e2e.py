@@ -342,7 +342,7 @@ def test_node_away_past_stream_length_clears(origin, gateway_factory, socket_dir
     for i in range(400):
         admin.call("POST", "/cache/purge", body={"url": f"/other/{i}"})
     relay.restore()
-    wait_for(lambda: "clearing the cache of this node" in b_gateway.log(), 15, message="node b clearing its cache")
+    wait_for(lambda: "cleared the cache of this node" in b_gateway.log(), 15, message="node b clearing its cache")
     assert "hit" not in _status(_get(b, "/kept", only_if_cached=True))
 
 
