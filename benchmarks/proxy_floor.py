@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import proxy_vs_nginx as bench  # noqa: E402
 
-APPS = ("respond", "respond-granian-tasks", "pyreqwest", "loop-client")
+APPS = ("respond", "respond-granian-tasks", "pyreqwest", "loop-client", "rsgi-respond", "rsgi-loop-client")
 
 
 def serve_app(app_name: str, upstream_url: str, port: int) -> None:
@@ -61,7 +61,8 @@ def serve_app(app_name: str, upstream_url: str, port: int) -> None:
         granian_server._new_cbscheduler = lambda loop, callback, impl_asyncio=True: make_scheduler(
             loop, callback, impl_asyncio=False
         )
-    settings = granian_server.ServerSettings(worker_id=0)
+    interface = "rsgi" if app_name.startswith("rsgi-") else "asgi"
+    settings = granian_server.ServerSettings(worker_id=0, interface=interface)
     granian_server.serve(app, [listener.fileno()], settings, loop, lambda: None)
 
 
@@ -76,6 +77,10 @@ async def _make_app(app_name: str, upstream_url: str):
 
     if app_name.startswith("respond"):
         return respond
+    if app_name == "rsgi-respond":
+        return _rsgi_respond(body)
+    if app_name == "rsgi-loop-client":
+        return _rsgi_loop_client_app(upstream_url)
     if app_name == "pyreqwest":
         return await _pyreqwest_app(upstream_url)
     return _loop_client_app(upstream_url)
@@ -117,6 +122,34 @@ def _loop_client_app(upstream_url: str):
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+
+    return proxy
+
+
+def _rsgi_respond(body: bytes):
+    headers = [("content-length", str(len(body)))]
+
+    async def respond(scope, proto):
+        proto.response_bytes(200, headers, body)
+
+    return respond
+
+
+def _rsgi_loop_client_app(upstream_url: str):
+    from nexus.http1_client import TargetConnections
+
+    host, port = upstream_url.removeprefix("http://").split(":")
+    connections = TargetConnections(host, int(port), connect_timeout=1.0)
+
+    async def proxy(scope, proto):
+        head = f"GET {scope.path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+        loop = asyncio.get_running_loop()
+        response = await connections.request("GET", head, None, loop.time() + 10)
+        try:
+            content = await response.read_all()
+        finally:
+            response.finish()
+        proto.response_bytes(response.status, list(response.headers), content)
 
     return proxy
 

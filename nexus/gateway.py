@@ -136,6 +136,7 @@ class Gateway:
                 exchange.rate_limit,
                 exchange.request_id,
                 exchange.trace_id,
+                exchange.request_id_is_trace,
             )
 
     async def _handle(self, scope: dict[str, Any], receive, exchange: _Exchange) -> None:
@@ -151,10 +152,11 @@ class Gateway:
         )
         forwarded = upstream_request_headers(scope["headers"], context)
         exchange.request_id = forwarded.request_id
+        exchange.trace_id = forwarded.trace_id
+        exchange.request_id_is_trace = forwarded.request_id_is_trace
         problem = host_problem(scope["headers"], scope.get("http_version", "1.1"))
         if problem is not None:
             raise BadRequest(problem)
-        exchange.trace_id = forwarded.trace_id
 
         # Framing and path checks, before any routing decision depends on them.
         length = declared_length(scope["headers"])
@@ -286,6 +288,7 @@ class _Exchange:
         "consumer",
         "rate_limit",
         "request_id",
+        "request_id_is_trace",
         "route",
         "started",
         "started_ns",
@@ -312,6 +315,7 @@ class _Exchange:
         self.cache: str | None = None
         self.rate_limit: str | None = None
         self.trace_id = 0
+        self.request_id_is_trace = False
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":

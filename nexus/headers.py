@@ -146,6 +146,8 @@ class UpstreamRequestHeaders:
     client_ip: str
     host: str | None
     trace_id: int = 0
+    # True when no valid request id arrived and the trace id became the request id.
+    request_id_is_trace: bool = False
 
 
 # A Host value: uri-host and an optional port (RFC 3986 section 3.2.2), that
@@ -181,8 +183,9 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     proxy sets the upstream Host itself. The first Host value is returned in
     `host`. The rewritten fields follow at the end: X-Forwarded-For,
     X-Forwarded-Proto, X-Forwarded-Host, Forwarded (only from a trusted peer),
-    Via, the request id and, with `ctx.trace_context`, traceparent (kept if
-    valid, else a new one).
+    Via, the request id (kept if valid, else the trace id in hex, or a
+    random id without trace context) and, with `ctx.trace_context`,
+    traceparent (kept if valid, else a new one).
     """
     fields, connection_values = _decode_request_fields(downstream)
     kept, rewritten = _split_fields(fields, _REQUEST_SPLIT, ctx.request_id_header)
@@ -192,7 +195,10 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
 
     host_values = rewritten.get("host")
     host = host_values[0] if host_values else None
-    request_id = _choose_request_id(rewritten.get(ctx.request_id_header))
+    trace_id = 0
+    if ctx.trace_context:
+        traceparent, trace_id = trace_context(rewritten.get(TRACEPARENT))
+    request_id, request_id_is_trace = _choose_request_id(rewritten.get(ctx.request_id_header), trace_id)
     peer_trusted = ctx.trusted.is_trusted(ctx.peer_ip)
 
     added: list[tuple[str, str]] = []
@@ -203,9 +209,7 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     elif via_values:
         added.extend(("via", value) for value in via_values)
     added.append((ctx.request_id_header, request_id))
-    trace_id = 0
     if ctx.trace_context:
-        traceparent, trace_id = trace_context(rewritten.get(TRACEPARENT))
         added.append((TRACEPARENT, traceparent))
     elif TRACEPARENT in rewritten:
         added.extend((TRACEPARENT, value) for value in rewritten[TRACEPARENT])
@@ -216,7 +220,7 @@ def upstream_request_headers(downstream: list[tuple[bytes, bytes]], ctx: Forward
     # An untrusted peer's X-Forwarded-For was discarded, so only the peer counts.
     forwarded_for = rewritten.get("x-forwarded-for", []) if peer_trusted else []
     client_ip = resolve_client_ip(ctx.peer_ip, forwarded_for, ctx.trusted)
-    return UpstreamRequestHeaders(kept, request_id, client_ip, host, trace_id)
+    return UpstreamRequestHeaders(kept, request_id, client_ip, host, trace_id, request_id_is_trace)
 
 
 def downstream_response_headers(
@@ -485,17 +489,21 @@ def _append_forwarding_fields(
         fields.append(("forwarded", value))
 
 
-def _choose_request_id(values: list[str] | None) -> str:
-    """Propagate a valid downstream request id, or create one.
+def _choose_request_id(values: list[str] | None, trace_id: int) -> tuple[str, bool]:
+    """Propagate a valid downstream request id, or create one; say whether it is the trace id.
 
     Several lines join into one comma-separated value (RFC 9110 section
-    5.3), which is never valid, so a repeated field gets a new id.
+    5.3), which is never valid, so a repeated field gets a new id. A new id
+    is the trace id in hex when there is one, so that logs and traces share
+    one key and the access record needs no room for a second id.
     """
     if values is not None:
         value = ", ".join(values)
         if is_valid_request_id(value):
-            return value
-    return new_request_id()
+            return value, False
+    if trace_id:
+        return f"{trace_id:032x}", True
+    return new_request_id(), False
 
 
 def _split_list(values: Iterable[str]) -> list[str]:

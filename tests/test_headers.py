@@ -475,6 +475,28 @@ def test_missing_request_id_created() -> None:
     assert values(result.headers, "x-request-id") == [result.request_id]
 
 
+def test_missing_request_id_is_the_trace_id() -> None:
+    ctx = ForwardingContext(UNTRUSTED_PEER, "http", TrustedProxies([]), request_id_header="x-request-id", trace_context=True)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    result = upstream_request_headers([(b"traceparent", traceparent.encode())], ctx)
+    assert result.request_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert result.request_id_is_trace
+    assert values(result.headers, "traceparent") == [traceparent]
+
+    created = upstream_request_headers([], ctx)
+    assert created.request_id == f"{created.trace_id:032x}"
+    assert created.request_id_is_trace
+    assert values(created.headers, "traceparent")[0].split("-")[1] == created.request_id
+
+
+def test_received_request_id_is_kept_beside_the_trace() -> None:
+    ctx = ForwardingContext(UNTRUSTED_PEER, "http", TrustedProxies([]), request_id_header="x-request-id", trace_context=True)
+    result = upstream_request_headers([(b"x-request-id", REQUEST_ID.encode())], ctx)
+    assert result.request_id == REQUEST_ID
+    assert not result.request_id_is_trace
+    assert result.trace_id != 0
+
+
 def test_request_id_header_name_from_context() -> None:
     ctx = ForwardingContext(UNTRUSTED_PEER, "http", TrustedProxies([]), request_id_header="x-correlation-id")
     result = upstream_request_headers([(b"x-correlation-id", b"corr-7"), (b"x-request-id", b"other")], ctx)

@@ -61,7 +61,7 @@ def test_round_trip_through_a_ring(rings):
     assert record(recorder, request_id=long_id, consumer=None, target=None, upstream_ns=None, status=404, method="BREW", route="(none)", cache=None, rate_limit=None, trace_id=0)
 
     records = decode(rings[1].drain(), 1, names)
-    assert [entry.as_json() for entry in records] == [
+    assert records == [
         {
             "time": "2025-12-05T00:21:12.345678Z",
             "request_id": "4bf92f3577b34da6a3ce929d0e0e4736",
@@ -95,6 +95,16 @@ def test_round_trip_through_a_ring(rings):
             "rate_limit": None,
         },
     ]
+
+
+def test_request_id_that_is_the_trace_id_takes_one_record(rings):
+    names = Names(CONFIG)
+    recorder = AccessRecorder(rings[0], names)
+    assert record(recorder, request_id=f"{TRACE:032x}", request_id_is_trace=True)
+    rows = rings[0].drain()
+    assert len(rows) == 1
+    [entry] = decode(rows, 0, names)
+    assert entry["request_id"] == entry["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
 
 
 def test_full_ring_drops_and_counts_without_blocking(rings):

@@ -1,9 +1,11 @@
 """Access records: packed by workers into their event ring, written as JSON lines by the master.
 
 A worker never writes the access log itself, so no request waits on disk
-I/O. After each request it pushes one access record (8 words) and, for
-the request id, one text record per 56 bytes of id into its ring
-(`nexus.shm.ring`). A full ring drops the records and counts the drop, so
+I/O. After each request it pushes one access record (8 words) into its
+ring (`nexus.shm.ring`), and, for a request id the client sent, one text
+record per 56 bytes of id. An id the gateway made is the trace id
+(`nexus.headers`), which the access record holds already, so the usual
+request costs one record. A full ring drops the records and counts the drop, so
 the worker never waits either. The master drains the rings every
 `DRAIN_INTERVAL` (`nexus.observability.service`), feeds every record to the
 usage tables and writes the sampled ones to the log.
@@ -23,7 +25,7 @@ Access record, kind 1:
        microseconds + 1 (bits 32-63, 0: no upstream response)
     5  trace id, high 64 bits
     6  trace id, low 64 bits
-    7  (reserved)
+    7  flags: bit 0 set when the request id is the trace id in hex
 Text record, kind 2:
     0  bits 0-7 kind, 8-23 byte length of this part
     1-7  up to 56 bytes of the request id, little-endian in each word
@@ -34,7 +36,6 @@ the handler registered for their kind.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import struct
@@ -42,7 +43,9 @@ import sys
 import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import IO, NamedTuple
+from typing import IO, Any
+
+import msgspec
 
 from nexus import telemetry
 from nexus.config import Config
@@ -66,6 +69,8 @@ TEXT_KIND = 2
 _TEXT_BYTES = 56
 _TEXT_WORDS = struct.Struct("<7Q")
 _MASK32 = 0xFFFF_FFFF
+# Word 7 of an access record.
+_ID_IS_TRACE = 1
 
 # Result names of the response cache and of the rate limits; id 0 is "none".
 CACHE_RESULTS = ("", *telemetry.CACHE_RESULTS)
@@ -120,10 +125,15 @@ class AccessRecorder:
         rate_limit: str | None,
         request_id: str | None,
         trace_id: int,
+        request_id_is_trace: bool = False,
     ) -> bool:
-        """Push the records of one request; return False if the ring was full and they were dropped."""
+        """Push the records of one request; return False if the ring was full and they were dropped.
+
+        With `request_id_is_trace` the id is not sent: the master writes the
+        trace id in its place.
+        """
         names = self._names
-        text = request_id.encode("ascii", "replace") if request_id else b""
+        text = request_id.encode("ascii", "replace") if request_id and not request_id_is_trace else b""
         parts = (len(text) + _TEXT_BYTES - 1) // _TEXT_BYTES
         head = (
             ACCESS_KIND
@@ -139,7 +149,8 @@ class AccessRecorder:
         ) << 32
         upstream_us = 0 if upstream_ns is None else min(upstream_ns // 1000 + 1, _MASK32)
         durations = min(duration_ns // 1000, _MASK32) | upstream_us << 32
-        if not self._push(head, started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, 0):
+        flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
+        if not self._push(head, started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, flags):
             return False
         for start in range(0, len(text), _TEXT_BYTES):
             chunk = text[start : start + _TEXT_BYTES]
@@ -148,43 +159,38 @@ class AccessRecorder:
         return True
 
 
-class AccessRecord(NamedTuple):
-    """One request as the master decodes it from a ring."""
+_ENCODER = msgspec.json.Encoder()
 
-    time_ns: int
-    worker: int
-    method: str
-    status: int
-    route: str
-    consumer: str
-    target: str
-    bytes_sent: int
-    duration_us: int
-    upstream_us: int | None
-    cache: str
-    rate_limit: str
-    request_id: str
-    trace_id: str
 
-    def as_json(self) -> dict:
-        """The access log fields of this record, in the order they are written."""
-        moment = datetime.fromtimestamp(self.time_ns / 1e9, UTC)
-        return {
-            "time": moment.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "request_id": self.request_id or None,
-            "trace_id": self.trace_id or None,
-            "worker": self.worker,
-            "method": self.method,
-            "route": self.route or None,
-            "consumer": self.consumer or None,
-            "target": self.target or None,
-            "status": self.status,
-            "bytes": self.bytes_sent,
-            "duration_s": self.duration_us / 1e6,
-            "upstream_s": None if self.upstream_us is None else self.upstream_us / 1e6,
-            "cache": self.cache or None,
-            "rate_limit": self.rate_limit or None,
-        }
+# One request as the master decodes it from a ring: the access log line's
+# fields, in the order they are written, with None for "none":
+#   time (RFC 3339 UTC, microseconds), request_id, trace_id (32 hex digits),
+#   worker, method, route, consumer, target, status, bytes, duration_s,
+#   upstream_s, cache, rate_limit.
+# A plain dict, because the drain builds thousands a second and encodes
+# them as they are.
+AccessRecord = dict[str, Any]
+
+
+class _TimeFormatter:
+    """RFC 3339 UTC times with microseconds, formatting the date and seconds once per second.
+
+    The drain formats thousands of times a second, most in the same second.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def format(self, time_ns: int) -> str:
+        second, rest_ns = divmod(time_ns, 1_000_000_000)
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._prefix}.{rest_ns // 1000:06d}Z"
+
+
+_TIMES = _TimeFormatter()
 
 
 def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=None) -> list[AccessRecord]:
@@ -223,8 +229,11 @@ def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=No
     return records
 
 
-def _name(table: list[str], index: int) -> str:
-    return table[index] if index < len(table) else f"#{index}"
+def _name(table: list[str] | tuple[str, ...], index: int) -> str | None:
+    """The name of id `index`, None for id 0, or "#index" for an id the config does not have."""
+    if index < len(table):
+        return table[index] or None
+    return f"#{index}"
 
 
 def _finish(pending: list, names: Names, worker: int) -> AccessRecord:
@@ -232,22 +241,23 @@ def _finish(pending: list, names: Names, worker: int) -> AccessRecord:
     head = row[0]
     upstream_us = row[4] >> 32
     trace = row[5] << 64 | row[6]
-    return AccessRecord(
-        time_ns=row[1],
-        worker=worker,
-        method=_name(list(METHODS), head >> 56),
-        status=(head >> 16) & 0xFFFF,
-        route=_name(names.routes, (head >> 32) & 0xFFFF),
-        consumer=_name(names.consumers, row[2] & _MASK32),
-        target=_name(names.targets, row[2] >> 32),
-        bytes_sent=row[3],
-        duration_us=row[4] & _MASK32,
-        upstream_us=upstream_us - 1 if upstream_us else None,
-        cache=_name(list(CACHE_RESULTS), (head >> 48) & 0xF),
-        rate_limit=_name(list(LIMIT_RESULTS), (head >> 52) & 0xF),
-        request_id=text.decode("ascii", "replace"),
-        trace_id=f"{trace:032x}" if trace else "",
-    )
+    trace_id = f"{trace:032x}" if trace else None
+    return {
+        "time": _TIMES.format(row[1]),
+        "request_id": trace_id if row[7] & _ID_IS_TRACE else (text.decode("ascii", "replace") or None),
+        "trace_id": trace_id,
+        "worker": worker,
+        "method": _name(METHODS, head >> 56),
+        "route": _name(names.routes, (head >> 32) & 0xFFFF),
+        "consumer": _name(names.consumers, row[2] & _MASK32),
+        "target": _name(names.targets, row[2] >> 32),
+        "status": (head >> 16) & 0xFFFF,
+        "bytes": row[3],
+        "duration_s": (row[4] & _MASK32) / 1e6,
+        "upstream_s": (upstream_us - 1) / 1e6 if upstream_us else None,
+        "cache": _name(CACHE_RESULTS, (head >> 48) & 0xF),
+        "rate_limit": _name(LIMIT_RESULTS, (head >> 52) & 0xF),
+    }
 
 
 class AccessLogWriter:
@@ -278,19 +288,19 @@ class AccessLogWriter:
 
     def sampled(self, record: AccessRecord) -> bool:
         """Return whether `record` goes to the log: an error kept by always_log_errors, or drawn by the sample."""
-        if self.always_log_errors and record.status >= 500:
+        if self.always_log_errors and record["status"] >= 500:
             return True
         return self.sample >= 1.0 or self._random.random() < self.sample
 
     def write(self, records: list[AccessRecord]) -> int:
         """Write the sampled part of `records`; return how many lines were written."""
-        lines = [json.dumps(record.as_json(), separators=(",", ":")) for record in records if self.sampled(record)]
+        lines = [record for record in records if self.sampled(record)]
         if not lines:
             return 0
         with self._lock:
             try:
                 assert self._file is not None
-                self._file.write("\n".join(lines) + "\n")
+                self._file.write(_ENCODER.encode_lines(lines).decode())
                 self._file.flush()
             except OSError as exc:
                 self.write_errors += 1

@@ -27,6 +27,7 @@ NO_ROUTE = "(none)"
 
 # Bucket upper bounds in microseconds: 50 us to about 120 s, each 1.19 times the last.
 LATENCY_BOUNDS_US = tuple(round(50 * 1.19**step) for step in range(85))
+_LATENCY_BOUNDS_S = tuple(bound / 1e6 for bound in LATENCY_BOUNDS_US)
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -45,15 +46,15 @@ class UsageRow:
 
     def add(self, record: AccessRecord) -> None:
         self.requests += 1
-        status = record.status
+        status = record["status"]
         if status >= 500:
             self.errors += 1
         elif status == 429:
             self.rate_limited += 1
         elif status >= 400:
             self.client_errors += 1
-        self.bytes_sent += record.bytes_sent
-        self.buckets[bisect.bisect_left(LATENCY_BOUNDS_US, record.duration_us)] += 1
+        self.bytes_sent += record["bytes"]
+        self.buckets[bisect.bisect_left(_LATENCY_BOUNDS_S, record["duration_s"])] += 1
 
     def quantile(self, share: float) -> float | None:
         """Estimate the `share` quantile of the latency in seconds (the upper bound of its bucket)."""
@@ -94,12 +95,12 @@ class UsageTable:
         with self._lock:
             for record in records:
                 self.records += 1
-                consumer = record.consumer or ANONYMOUS
+                consumer = record["consumer"] or ANONYMOUS
                 row = self.consumers.get(consumer)
                 if row is None:
                     row = self.consumers[consumer] = UsageRow()
                 row.add(record)
-                route = record.route or NO_ROUTE
+                route = record["route"] or NO_ROUTE
                 row = self.routes.get(route)
                 if row is None:
                     row = self.routes[route] = UsageRow()

@@ -12,6 +12,7 @@ per ring (a power of two).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -21,6 +22,8 @@ from nexus.shm.segment import HEADER_BYTES, Segment
 __all__ = ["RECORD_WORDS", "Ring", "RingCounts", "RingSet"]
 
 RECORD_WORDS = 8
+# One record as the native extension stores it: eight native 64-bit words.
+_RECORD = struct.Struct(f"={RECORD_WORDS}Q")
 _CONTROL_BYTES = 128
 
 
@@ -53,8 +56,7 @@ class Ring:
         raw = _native.ring_drain(self._region, self._offset, self.capacity, self.capacity if limit is None else limit)
         if not raw:
             return []
-        words = memoryview(raw).cast("Q")
-        return [tuple(words[start : start + RECORD_WORDS]) for start in range(0, len(words), RECORD_WORDS)]
+        return list(_RECORD.iter_unpack(raw))
 
     def counts(self) -> RingCounts:
         return RingCounts(*_native.ring_counts(self._region, self._offset, self.capacity))

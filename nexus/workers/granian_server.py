@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from granian._futures import _future_watcher_wrapper, _new_cbscheduler
-from granian._granian import ASGIWorker, SocketHolder, WorkerSignal
+from granian._granian import ASGIWorker, RSGIWorker, SocketHolder, WorkerSignal
 from granian.http import HTTP1Settings
 
 __all__ = ["ServerSettings", "serve"]
@@ -44,6 +44,8 @@ class ServerSettings:
     # Requests handled concurrently by one worker; granian queues the rest.
     max_concurrency: int = 1024
     keep_alive: bool = True
+    # "asgi" or "rsgi": which interface granian calls the app with.
+    interface: str = "asgi"
 
 
 def serve(
@@ -90,7 +92,7 @@ def serve(
         loop.add_signal_handler(signum, on_stop_signal)
     loop.add_signal_handler(signal.SIGUSR1, on_drain)
 
-    callback = _future_watcher_wrapper(_asgi_runner(app))
+    callback = _future_watcher_wrapper(_asgi_runner(app) if settings.interface == "asgi" else app)
     for fd, stop_signal in zip(listen_fds, stop_signals):
         stop_signal.add_cb(lambda: loop.call_soon_threadsafe(on_worker_stopped))
         worker = _build_worker(settings, fd)
@@ -121,7 +123,8 @@ def _build_worker(settings: ServerSettings, fd: int) -> Any:
     # (spec, holder) socket pair, IPC handle, runtime threads, blocking threads,
     # Python threads, idle timeout, backpressure, HTTP mode, HTTP/1 and HTTP/2
     # settings, websockets, static files, seven TLS settings, metrics.
-    return ASGIWorker(
+    worker_class = ASGIWorker if settings.interface == "asgi" else RSGIWorker
+    return worker_class(
         settings.worker_id,
         (None, holder),
         None,
