@@ -11,7 +11,10 @@ benchmarks/proxy_vs_nginx.py runs on CPU 1 with wrk. The apps:
   cancelled, so `asyncio.timeout` does nothing);
 - `pyreqwest`: a bare proxy through one pyreqwest client (streamed response,
   body read whole), the client Nexus used before `nexus.http1_client`;
-- `loop-client`: a bare proxy through `nexus.http1_client` on the loop.
+- `loop-client`: a bare proxy through `nexus.http1_client` on the loop;
+- `rsgi-respond` and `rsgi-loop-client`: the first and the last served
+  through granian's RSGI interface instead of ASGI, with
+  `response_bytes`, to measure what RSGI would save.
 
 For each app the script prints requests/s and the CPU time per request of
 the app's process (all threads, from /proc/PID/stat), as medians of --runs
@@ -103,24 +106,35 @@ async def _pyreqwest_app(upstream_url: str):
     return proxy
 
 
-def _loop_client_app(upstream_url: str):
+def _loop_client(upstream_url: str):
+    """Return fetch(path) -> (status, headers, body): one GET through `nexus.http1_client`."""
     from nexus.http1_client import TargetConnections
 
     host, port = upstream_url.removeprefix("http://").split(":")
     connections = TargetConnections(host, int(port), connect_timeout=1.0)
 
-    async def proxy(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        head = f"GET {scope['path']} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    async def fetch(path: str):
+        head = f"GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
         loop = asyncio.get_running_loop()
         response = await connections.request("GET", head, None, loop.time() + 10)
         try:
             content = await response.read_all()
         finally:
             response.finish()
-        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        return response.status, response.headers, content
+
+    return fetch
+
+
+def _loop_client_app(upstream_url: str):
+    fetch = _loop_client(upstream_url)
+
+    async def proxy(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        status, fields, content = await fetch(scope["path"])
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in fields]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
     return proxy
@@ -136,20 +150,11 @@ def _rsgi_respond(body: bytes):
 
 
 def _rsgi_loop_client_app(upstream_url: str):
-    from nexus.http1_client import TargetConnections
-
-    host, port = upstream_url.removeprefix("http://").split(":")
-    connections = TargetConnections(host, int(port), connect_timeout=1.0)
+    fetch = _loop_client(upstream_url)
 
     async def proxy(scope, proto):
-        head = f"GET {scope.path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
-        loop = asyncio.get_running_loop()
-        response = await connections.request("GET", head, None, loop.time() + 10)
-        try:
-            content = await response.read_all()
-        finally:
-            response.finish()
-        proto.response_bytes(response.status, list(response.headers), content)
+        status, fields, content = await fetch(scope.path)
+        proto.response_bytes(status, list(fields), content)
 
     return proxy
 

@@ -58,7 +58,8 @@ def fill(config, layout, shared) -> None:
             for status in (200, 201, 404, 503):
                 metrics.request(route.name, "GET", status, 3_000_000 + worker)
             metrics.request(route.name, "POST", 200, 80_000_000)
-            metrics.upstream_response(route.name, 2_000_000)
+            upstream = config.upstreams[route.upstream]
+            metrics.upstream_response(route.name, upstream.target_list()[worker % 2].url, 2_000_000)
 
 
 def scrape_once(port: int) -> tuple[float, bytes]:

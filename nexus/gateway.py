@@ -119,8 +119,8 @@ class Gateway:
         # A response from the cache builds its headers as an upstream's
         # would, but no upstream was waited for.
         upstream_ns = None if exchange.cache in SERVED_FROM_CACHE else exchange.upstream_ns
-        if upstream_ns is not None:
-            self.metrics.upstream_response(exchange.route, upstream_ns)
+        if upstream_ns is not None and exchange.target is not None:
+            self.metrics.upstream_response(exchange.route, exchange.target, upstream_ns)
         if self.access is not None:
             self.access.record(
                 time.time_ns() - duration_ns,
@@ -190,12 +190,13 @@ class Gateway:
             response_headers=exchange.response_headers_builder(self, forwarded.request_id, limit_headers),
             tier=identity.tier,
             priority=identity.priority,
+            on_target=exchange.answered_by,
         )
         route_cache = self.cache.policy(route.name) if self.cache is not None else None
         if route_cache is not None:
             exchange.cache = await self.cache.handle(route_cache, scope, identity.consumer, pool, request, exchange.send)
             return
-        exchange.target = (await forward(pool, request, exchange.send)).target
+        await forward(pool, request, exchange.send)
 
     def _check_rate_limit(
         self,
@@ -324,6 +325,9 @@ class _Exchange:
         else:
             self.bytes_sent += len(message.get("body", b""))
         await self._send(message)
+
+    def answered_by(self, target: str) -> None:
+        self.target = target
 
     def response_headers_builder(self, gateway: Gateway, request_id: str, extra: list[tuple[bytes, bytes]]):
         def build(upstream_headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

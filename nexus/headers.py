@@ -490,7 +490,7 @@ def _append_forwarding_fields(
 
 
 def _choose_request_id(values: list[str] | None, trace_id: int) -> tuple[str, bool]:
-    """Propagate a valid downstream request id, or create one; say whether it is the trace id.
+    """Return a valid downstream request id or a new one, and whether it is the trace id.
 
     Several lines join into one comma-separated value (RFC 9110 section
     5.3), which is never valid, so a repeated field gets a new id. A new id

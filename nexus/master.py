@@ -174,6 +174,7 @@ class Master(UpgradeSteps):
             "upgrades_failed": counters.upgrades_failed,
             "generation": self.generation,
             "started_at": self.started_at,
+            "worker_slots": [slot for generation in list(self._generations) for slot in generation.slots],
         }
 
     def status(self) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class ForwardRequest:
     # shedding lower tiers first when the upstream's concurrency limit is reached.
     tier: str | None = None
     priority: int = 0
+    # Called with the URL of the target whose response goes downstream, just
+    # before its head is sent: the access log and the per-target metrics
+    # need it on every path, cached routes included.
+    on_target: Callable[[str], None] | None = None
 
 
 class _RetryableFailure(Exception):
@@ -305,6 +309,8 @@ async def _try_once(
                 pool.record_failure(target, f"status {status}")
                 raise _RetryableFailure(status, None)
             _record_status(pool, target, status)
+            if request.on_target is not None:
+                request.on_target(target.url)
             await _send_response(response, request, send)
             return status
     finally:

@@ -92,10 +92,10 @@ def build_layout(config: Config) -> MetricLayout:
             for result in CACHE_RESULTS:
                 layout.counter(("cache", route.name, result))
     for name, upstream in config.upstreams.items():
-        layout.histogram(("upstream_duration", name), DURATION_BOUNDS_NS)
         layout.counter(("upstream_retries", name))
         for target in upstream.target_list():
             url = target.url.rstrip("/")
+            layout.histogram(("upstream_duration", name, url), DURATION_BOUNDS_NS)
             for outcome in TRY_OUTCOMES:
                 layout.counter(("upstream_tries", name, url, outcome))
             layout.counter(("upstream_ejections", name, url))
@@ -122,16 +122,15 @@ class RequestMetrics:
         }
         self._limits = {key[1:]: index for key, index in layout.counters.items() if key[0] == "ratelimit"}
         self._cache = {key[1:]: index for key, index in layout.counters.items() if key[0] == "cache"}
-        upstream_durations = {
-            key[1]: histogram.index for key, histogram in layout.histograms.items() if key[0] == "upstream_duration"
-        }
-        # The upstream duration histogram of each route's upstream.
-        self._route_upstream = {}
+        # The upstream duration histograms of each route's upstream, by target URL.
+        self._route_targets: dict[str, dict[str, int]] = {}
         if config is not None:
-            self._route_upstream = {
-                route.name: upstream_durations[route.upstream]
-                for route in config.routes
-                if route.upstream in upstream_durations
+            by_upstream: dict[str, dict[str, int]] = {}
+            for key, histogram in layout.histograms.items():
+                if key[0] == "upstream_duration":
+                    by_upstream.setdefault(key[1], {})[key[2]] = histogram.index
+            self._route_targets = {
+                route.name: by_upstream[route.upstream] for route in config.routes if route.upstream in by_upstream
             }
 
     def request(self, route: str, method: str, status: int, duration_ns: int) -> None:
@@ -141,9 +140,9 @@ class RequestMetrics:
         index = self._durations.get(route, self._durations[NO_ROUTE])
         self._metrics.observe_at(index, DURATION_BOUNDS_NS, duration_ns)
 
-    def upstream_response(self, route: str, duration_ns: int) -> None:
-        """Count the time from forwarding a request of `route` to its upstream's response head."""
-        index = self._route_upstream.get(route)
+    def upstream_response(self, route: str, target: str, duration_ns: int) -> None:
+        """Count the time from a request of `route` arriving to the response head of `target` (a URL)."""
+        index = self._route_targets.get(route, {}).get(target.rstrip("/"))
         if index is not None:
             self._metrics.observe_at(index, DURATION_BOUNDS_NS, duration_ns)
 

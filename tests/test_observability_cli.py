@@ -29,3 +29,16 @@ def test_rates_come_from_the_previous_document():
     assert "rates over the last 2.0 s" in text
     rows = [line.split() for line in text.splitlines() if line.startswith(("acme", "orders"))]
     assert [row[1] for row in rows] == ["100.0", "100.0"]
+
+
+def test_row_below_the_previous_cut_has_no_rate():
+    previous = usage(100.0, 50)
+    current = usage(101.0, 80)
+    current["consumers"].append({**current["consumers"][0], "name": "newcomer", "requests": 30})
+    # The previous document held `limit` rows: newcomer may have been just below the cut.
+    rows = {line.split()[0]: line.split() for line in render(current, previous, limit=1).splitlines() if line.startswith(("acme", "newcomer"))}
+    assert rows["acme"][1] == "30.0"
+    assert rows["newcomer"][1] == "-"
+    # With room to spare, a missing row had no requests before.
+    rows = {line.split()[0]: line.split() for line in render(current, previous, limit=10).splitlines() if line.startswith("newcomer")}
+    assert rows["newcomer"][1] == "30.0"

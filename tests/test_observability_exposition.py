@@ -63,7 +63,7 @@ def test_requests_and_durations_sum_over_workers(state):
     second.request("catalog", "GET", 204, 40_000_000)  # 40 ms
     second.request("catalog", "POST", 503, 1_000)
     second.request("nowhere", "GET", 404, 1_000)
-    first.upstream_response("orders", 3_000_000)
+    first.upstream_response("orders", "http://127.0.0.1:9002/", 3_000_000)
 
     collector = NexusCollector(config, shared, lambda: [(layout, shared.metrics)])
     samples = scrape(collector)
@@ -80,7 +80,8 @@ def test_requests_and_durations_sum_over_workers(state):
     assert buckets[(("le", "+Inf"), ("route", "catalog"))] == 5
     assert value(samples, "nexus_http_request_duration_seconds_count", route="catalog") == 5
     assert value(samples, "nexus_http_request_duration_seconds_sum", route="catalog") == pytest.approx(0.046001)
-    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app") == 1
+    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app", target="http://127.0.0.1:9002") == 1
+    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app", target="http://127.0.0.1:9001") == 0
     assert len(buckets) == 3 * (len(DURATION_BOUNDS_NS) + 1)  # three routes: (none), catalog, orders
 
 
@@ -120,7 +121,12 @@ def test_gauges_from_the_other_tables(state):
     shared.rings[0].push(99)
     for _ in range(shared.rings.capacity + 3):
         shared.rings[1].push(1)
-    counters = {"worker_restarts": 4, "reloads": 2, "reloads_failed": 1, "generation": 3, "started_at": 1700000000}
+    # Slot 1 is in the idle bank: its exited worker belongs to a past generation.
+    shared.workers.reset(1, 1233, 0, 0, 0)
+    shared.workers.set_state(1, WorkerState.EXITED)
+    counters = {
+        "worker_restarts": 4, "reloads": 2, "reloads_failed": 1, "generation": 3, "started_at": 1700000000, "worker_slots": [0],
+    }  # fmt: skip
 
     samples = scrape(NexusCollector(config, shared, lambda: [(layout, shared.metrics)], lambda: counters))
     assert value(samples, "nexus_upstream_target_up", upstream="app", target="http://127.0.0.1:9001") == 1
@@ -133,13 +139,31 @@ def test_gauges_from_the_other_tables(state):
     assert value(samples, "nexus_ring_dropped_records_total") == 3
     assert value(samples, "nexus_ring_pending_records") == shared.rings.capacity + 1
     assert value(samples, "nexus_workers", state="serving") == 1
+    assert value(samples, "nexus_workers", state="exited") == 0
     assert value(samples, "nexus_worker_restarts_total") == 4
     assert value(samples, "nexus_reloads_total") == 2
     assert value(samples, "nexus_generation") == 3
     assert value(samples, "nexus_cache_entries") == 0
-    assert value(samples, "nexus_cache_hit_ratio") == 0
     build = samples["nexus_build_info"]
     assert list(build.values()) == [1.0]
+
+
+def test_cache_hit_ratio_per_route():
+    config = parse_config(CONFIG.replace("{name: orders, upstream: app}", "{name: orders, upstream: app, cache: {}}")
+                          + "  - {name: images, upstream: app, match: {path_prefix: /img}, cache: {}}\n")  # fmt: skip
+    layout = build_layout(config)
+    shared = SharedState.create(config, 2, layout)
+    try:
+        for worker, results in ((0, ["hit", "hit", "miss"]), (1, ["stale", "l2_hit", "bypass", "miss", "hit"])):
+            metrics = RequestMetrics(shared.metrics.for_worker(worker), layout, config)
+            for result in results:
+                metrics.cache("orders", result)
+        samples = scrape(NexusCollector(config, shared, lambda: [(layout, shared.metrics)]))
+    finally:
+        shared.close()
+    # hit, hit, stale, l2_hit, hit of 8 lookups; no lookups on images yet.
+    assert value(samples, "nexus_cache_hit_ratio", route="orders") == 5 / 8
+    assert value(samples, "nexus_cache_hit_ratio", route="images") == 0
 
 
 def test_killed_worker_counts_stay(state):

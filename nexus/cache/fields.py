@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from nexus.cache.entry import StoredResponse
@@ -90,17 +91,7 @@ def conditional_headers(headers: list[tuple[str, str]], meta: StoredResponse) ->
 
 
 def replace_headers(request: ForwardRequest, headers, response_headers) -> ForwardRequest:
-    return ForwardRequest(
-        method=request.method,
-        path_and_query=request.path_and_query,
-        headers=headers,
-        host=request.host,
-        body=request.body,
-        hash_key=request.hash_key,
-        response_headers=response_headers,
-        tier=request.tier,
-        priority=request.priority,
-    )
+    return dataclasses.replace(request, headers=headers, response_headers=response_headers)
 
 
 def adding_status(build, status: bytes):

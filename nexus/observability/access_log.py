@@ -162,8 +162,8 @@ class AccessRecorder:
 _ENCODER = msgspec.json.Encoder()
 
 
-# One request as the master decodes it from a ring: the access log line's
-# fields, in the order they are written, with None for "none":
+# One request as the master decodes it from a ring. Its keys are the access
+# log line's fields, in the order they are written, with None for "none":
 #   time (RFC 3339 UTC, microseconds), request_id, trace_id (32 hex digits),
 #   worker, method, route, consumer, target, status, bytes, duration_s,
 #   upstream_s, cache, rate_limit.
@@ -230,7 +230,7 @@ def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=No
 
 
 def _name(table: list[str] | tuple[str, ...], index: int) -> str | None:
-    """The name of id `index`, None for id 0, or "#index" for an id the config does not have."""
+    """Return the name of id `index`, None for id 0, or "#index" for an id the config does not have."""
     if index < len(table):
         return table[index] or None
     return f"#{index}"

@@ -4,8 +4,9 @@
 `--interval` seconds and redraws the terminal with plain ANSI escapes:
 the busiest consumers and routes, with their request rate over the last
 interval, error and rate-limited shares, bytes and latency quantiles.
-`--once` prints one table (totals since the master started) and exits;
-`--json` prints the usage documents instead.
+`--once` reads the usage twice, `--interval` apart, prints one table with
+the rates between them, and exits; `--json` prints the usage documents
+instead.
 """
 
 from __future__ import annotations
@@ -24,12 +25,27 @@ __all__ = ["access_log", "render", "top"]
 _CLEAR = "\x1b[H\x1b[2J"
 
 
-def _rates(current: list[dict], previous: list[dict] | None, seconds: float) -> dict[str, float | None]:
-    """Requests per second of each row since `previous`, or None without one."""
+def _rates(
+    current: list[dict], previous: list[dict] | None, seconds: float, limit: int | None
+) -> dict[str, float | None]:
+    """Requests per second of each row since `previous`, None where it cannot be known.
+
+    `previous` contains at most `limit` rows, the busiest. A row missing from
+    a full `previous` may have been just below its cut, so its rate is
+    unknown; missing from a shorter one, it had no requests.
+    """
     if previous is None or seconds <= 0:
         return {row["name"]: None for row in current}
     before = {row["name"]: row["requests"] for row in previous}
-    return {row["name"]: (row["requests"] - before.get(row["name"], 0)) / seconds for row in current}
+    cut = limit is not None and len(previous) >= limit
+    rates: dict[str, float | None] = {}
+    for row in current:
+        earlier = before.get(row["name"])
+        if earlier is None and cut:
+            rates[row["name"]] = None
+        else:
+            rates[row["name"]] = (row["requests"] - (earlier or 0)) / seconds
+    return rates
 
 
 def _share(part: int, whole: int) -> str:
@@ -61,11 +77,11 @@ def _table(title: str, rows: list[dict], rates: dict[str, float | None]) -> str:
     return format_table(headers, cells)
 
 
-def render(usage: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
-    """Render a usage document as two tables; rates come from the difference with `previous`."""
+def render(usage: dict[str, Any], previous: dict[str, Any] | None = None, limit: int | None = None) -> str:
+    """Render a usage document as two tables; rates come from the difference with `previous` (read with `limit`)."""
     seconds = usage["time"] - previous["time"] if previous else 0.0
-    consumers = _rates(usage["consumers"], previous and previous["consumers"], seconds)
-    routes = _rates(usage["routes"], previous and previous["routes"], seconds)
+    consumers = _rates(usage["consumers"], previous and previous["consumers"], seconds, limit)
+    routes = _rates(usage["routes"], previous and previous["routes"], seconds, limit)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(usage["since"]))
     lines = [
         f"nexus top: {usage['records']} requests since {started}"
@@ -87,18 +103,23 @@ def render(usage: dict[str, Any], previous: dict[str, Any] | None = None) -> str
 @admin_command
 def top(client, output: Output, once: bool, interval: float, limit: int) -> None:
     """Show the busiest consumers and routes, refreshing every second until Ctrl-C."""
-    previous = None
+    query = {"limit": str(limit)}
     try:
+        if once and output.as_json:
+            click.echo(json.dumps(client.call("GET", "/usage", query=query), sort_keys=True))
+            return
+        previous = client.call("GET", "/usage", query=query) if once else None
+        if once:
+            time.sleep(interval)
         while True:
-            usage = client.call("GET", "/usage", query={"limit": str(limit)})
+            usage = client.call("GET", "/usage", query=query)
             if output.as_json:
                 click.echo(json.dumps(usage, sort_keys=True))
             elif once:
-                click.echo(render(usage))
-            else:
-                click.echo(_CLEAR + render(usage, previous), nl=True)
-            if once:
+                click.echo(render(usage, previous, limit))
                 return
+            else:
+                click.echo(_CLEAR + render(usage, previous, limit), nl=True)
             previous = usage
             time.sleep(interval)
     except KeyboardInterrupt:

@@ -152,13 +152,17 @@ class NexusCollector:
         )
         upstream = HistogramMetricFamily(
             "nexus_upstream_request_duration_seconds",
-            "Time from a request's arrival to its upstream's response head, retries and concurrency queueing included.",
-            labels=["upstream"],
+            "Time from a request's arrival to the response head of the target that answered, "
+            "retries and concurrency queueing included.",
+            labels=["upstream", "target"],
         )
+        families = {("duration", 2): durations, ("upstream_duration", 3): upstream}
         for key, (bounds, buckets, total) in sums.histograms.items():
-            family = {"duration": durations, "upstream_duration": upstream}.get(key[0])
+            # A table from a master of an older version, still mapped after an
+            # upgrade, may key a histogram by fewer labels; it is left out.
+            family = families.get((key[0], len(key)))
             if family is not None:
-                family.add_metric([key[1]], _seconds_buckets(bounds, buckets), total / 1e9)
+                family.add_metric(list(key[1:]), _seconds_buckets(bounds, buckets), total / 1e9)
         yield durations
         yield upstream
 
@@ -257,19 +261,24 @@ class NexusCollector:
         results = CounterMetricFamily(
             "nexus_cache_requests", "Requests on cached routes, by route and cache result.", labels=["route", "result"]
         )
-        hits = lookups = 0
+        hits: dict[str, int] = {}
+        lookups: dict[str, int] = {}
         for key, value in sums.counters.items():
             if key[0] == "cache":
-                results.add_metric(list(key[1:]), value)
-                lookups += value
-                if key[2] in SERVED_FROM_CACHE:
-                    hits += value
+                route = key[1]
+                results.add_metric([route, key[2]], value)
+                lookups[route] = lookups.get(route, 0) + value
+                hits[route] = hits.get(route, 0) + (value if key[2] in SERVED_FROM_CACHE else 0)
         yield results
-        yield GaugeMetricFamily(
+        ratio = GaugeMetricFamily(
             "nexus_cache_hit_ratio",
-            "Share of requests on cached routes served from the cache (hit, stale or l2_hit) since the master started.",
-            value=hits / lookups if lookups else 0.0,
+            "Share of requests on a cached route served from the cache (hit, stale or l2_hit), "
+            "over every generation's counts; 0 before the first request.",
+            labels=["route"],
         )
+        for route, count in lookups.items():
+            ratio.add_metric([route], hits[route] / count if count else 0.0)
+        yield ratio
         stats = self.shared.cache.stats()
         yield GaugeMetricFamily("nexus_cache_entries", "Entries in the response cache.", value=stats["entries"])
         yield GaugeMetricFamily("nexus_cache_bytes", "Bytes of live cache entries.", value=stats["bytes_used"])
@@ -341,10 +350,16 @@ class NexusCollector:
         yield CounterMetricFamily("nexus_redis_sync_errors", "Failed sync rounds.", value=status.errors)
 
     def _workers(self) -> Iterator[Metric]:
-        states = GaugeMetricFamily("nexus_workers", "Worker slots, by the state of their process.", labels=["state"])
+        counters = self._master_counters() if self._master_counters is not None else {}
+        states = GaugeMetricFamily(
+            "nexus_workers", "Worker slots of the running generations, by the state of their process.", labels=["state"]
+        )
         table = self.shared.workers
+        # The other bank of slots keeps the exited workers of the last
+        # generation until the next reload; they are history, not workers.
+        slots = counters.get("worker_slots", range(table.slots))
         counts = dict.fromkeys(WorkerState, 0)
-        for slot in range(table.slots):
+        for slot in slots:
             counts[table.state(slot)] += 1
         for state, count in counts.items():
             if state is not WorkerState.EMPTY:
@@ -352,7 +367,6 @@ class NexusCollector:
         yield states
         if self._master_counters is None:
             return
-        counters = self._master_counters()
         yield CounterMetricFamily(
             "nexus_worker_restarts", "Workers restarted after they exited unexpectedly.", value=counters.get("worker_restarts", 0)
         )

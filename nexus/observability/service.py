@@ -173,7 +173,7 @@ class ObservabilityService:
         return len(records)
 
     def _ring_sources(self) -> dict[tuple[int, int], tuple[Config, Any, range]]:
-        """The live generations' rings, keyed by (ring set, first slot)."""
+        """Return the live generations' rings, keyed by (ring set, first slot)."""
         sources = getattr(self.master, "ring_sources", None)
         if sources is None:
             listed = [(self.config, self.master.shared.rings, range(len(self.master.shared.rings)))]

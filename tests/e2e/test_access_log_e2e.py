@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from nexus.admin.client import AdminClient
 from nexus.auth import hash_key
 from tests.conftest import admin_socket_dir, wait_for
-from tests.e2e.obs_support import obs_config, request
+from tests.e2e.obs_support import metrics_address, obs_config, request, scrape, value
 from tests.e2e.proxy_support import echoed_headers, send
 
 pytestmark = pytest.mark.e2e
@@ -75,6 +76,26 @@ def test_records_carry_every_field(tmp_path, upstream_factory, gateway_factory):
     assert len(second["trace_id"]) == 32
     assert second["trace_id"] != first["trace_id"]
     assert second["request_id"] == anonymous.header("x-request-id")
+    # With no request id sent, the trace id is the request id.
+    assert second["request_id"] == second["trace_id"]
+
+
+def test_cached_route_records_the_target_and_its_duration(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    log_path = tmp_path / "access.log"
+    cached = "  - {name: cached, upstream: app, match: {path_prefix: /echo/cached}, cache: {}}\n"
+    config = obs_config(upstream.url, admin_socket_dir(tmp_path) / "a.sock", access_log=json.dumps({"path": str(log_path)}))
+    gateway = gateway_factory(config.replace("routes:\n", "routes:\n" + cached))
+
+    assert request(gateway.url, path="/echo/cached/one") == 200
+    wait_for(lambda: len(lines(log_path)) == 1, 5, message="one access log line")
+    [line] = lines(log_path)
+    assert line["route"] == "cached"
+    assert line["cache"] is not None
+    assert line["target"] == upstream.url
+    assert line["upstream_s"] is not None
+    samples = scrape(metrics_address(gateway.log()))
+    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app", target=upstream.url) == 1
 
 
 def test_sampling_keeps_errors_and_usage_counts_all(tmp_path, upstream_factory, gateway_factory):
@@ -109,10 +130,18 @@ def test_sampling_keeps_errors_and_usage_counts_all(tmp_path, upstream_factory, 
     assert routes["status"]["requests"] == 6
     assert routes["echo"]["latency_s"]["p50"] > 0
 
-    table = subprocess.run([*NEXUSCTL, "top", "--once", "--socket", str(socket)], capture_output=True, text=True, timeout=30)
-    assert table.returncode == 0, table.stderr
-    for name in ("acme", "(anonymous)", "echo"):
-        assert name in table.stdout
+    # --once reads twice, --interval apart, and shows the rate between: requests sent meanwhile count.
+    table = subprocess.Popen([*NEXUSCTL, "top", "--once", "--interval", "2", "--socket", str(socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    for _ in range(10):
+        assert request(gateway.url, path="/echo/x", headers={"x-api-key": KEY}) == 200
+    out, err = table.communicate(timeout=30)
+    assert table.returncode == 0, err
+    assert "rates over the last 2." in out
+    acme = next(line.split() for line in out.splitlines() if line.startswith("acme"))
+    assert float(acme[1]) > 0
+    for name in ("(anonymous)", "echo"):
+        assert name in out
 
 
 def test_reopen_on_sigusr1_and_nexusctl(tmp_path, upstream_factory, gateway_factory):

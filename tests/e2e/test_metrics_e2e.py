@@ -40,7 +40,7 @@ def test_counts_match_requests_sent(tmp_path, upstream_factory, gateway_factory)
     assert total(samples, requests) == 180
     assert value(samples, "nexus_http_request_duration_seconds_count", route="echo") == 150
     assert value(samples, "nexus_http_request_duration_seconds_bucket", route="echo", le="+Inf") == 150
-    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app") == 175
+    assert value(samples, "nexus_upstream_request_duration_seconds_count", upstream="app", target=upstream.url) == 175
     assert value(samples, "nexus_upstream_tries_total", upstream="app", target=upstream.url, outcome="ok") == 175
     assert value(samples, "nexus_upstream_target_up", upstream="app", target=upstream.url) == 1
     assert value(samples, "nexus_workers", state="serving") == 2
