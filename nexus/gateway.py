@@ -70,7 +70,7 @@ class Gateway:
         if config.usage or config.access_log.path is not None:
             self.access = AccessRecorder(shared.rings[worker_id], Names(config))
         # The response cache, for routes with a `cache` section (`nexus.cache`).
-        self.cache = CacheLayer.for_gateway(config, shared.cache, self.metrics)
+        self.cache = CacheLayer.for_gateway(config, shared.cache, self.metrics, shared.rings[worker_id])
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.request_id_header = config.request_id_header.lower()
         self.draining = False

@@ -65,8 +65,13 @@ def master_services(master: Master) -> list[Service]:
     services: list[Service] = []
     from nexus.observability.service import ObservabilityService  # here: it imports this module
 
-    services.append(ObservabilityService(master))
+    observability = ObservabilityService(master)
+    services.append(observability)
     from nexus.cache.service import CacheService  # here: it imports this module
+    from nexus.observability.access_log import INVALIDATE_KIND
 
-    services.append(CacheService(master))
+    cache = CacheService(master)
+    # Workers' invalidation records reach the cache service through the ring drain.
+    observability.ring_handlers[INVALIDATE_KIND] = cache.on_invalidation
+    services.append(cache)
     return services

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nexus.config import parse_config
-from nexus.observability.access_log import AccessLogWriter, AccessRecorder, Names, decode
+from nexus.observability.access_log import INVALIDATE_KIND, AccessLogWriter, AccessRecorder, Names, decode, push_with_text
 from nexus.observability.usage import UsageTable
 from nexus.shm.ring import RingSet
 
@@ -124,8 +124,19 @@ def test_orphan_text_records_and_other_kinds(rings):
         (2 | 4 << 8, int.from_bytes(b"lost\0\0\0\0", "little"), 0, 0, 0, 0, 0, 0),  # text without its access record
         (9, 1, 2, 3, 4, 5, 6, 7),  # another producer's kind
     ]
-    assert decode(rows, 0, names, {9: lambda worker, row: seen.append((worker, row))}) == []
-    assert seen == [(0, rows[1])]
+    assert decode(rows, 0, names, {9: lambda worker, row, text: seen.append((worker, row, text))}) == []
+    assert seen == [(0, rows[1], b"")]
+
+
+def test_other_kind_gets_its_text(rings):
+    names = Names(CONFIG)
+    url = "http://api.example.com/items/7?" + "q" * 100
+    assert push_with_text(rings[1].push, INVALIDATE_KIND, (), url.encode())
+    assert record(AccessRecorder(rings[1], names))
+    seen = []
+    records = decode(rings[1].drain(), 1, names, {INVALIDATE_KIND: lambda worker, row, text: seen.append((worker, text))})
+    assert seen == [(1, url.encode())]
+    assert len(records) == 1
 
 
 def test_writer_samples_but_keeps_errors(rings, tmp_path):

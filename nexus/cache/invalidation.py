@@ -9,7 +9,9 @@ variant of the URL: all Vary variants, all consumers, all key headers.
 
 The master's cache service runs purges (`nexus.cache.service`); workers run
 `invalidate_unsafe` after a non-error response to an unsafe method
-(RFC 9111 section 4.4).
+(RFC 9111 section 4.4). With Redis, a worker also announces each URL it
+invalidated through its ring (`InvalidationAnnouncer`), and the master
+appends it to the purge stream, so other nodes drop the URL from their L1.
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from nexus.cache.key import KeyRules, parse_key
+from nexus.observability.access_log import INVALIDATE_KIND, push_with_text
 from nexus.shm import _native
 from nexus.shm.cache import CacheStore
 
-__all__ = ["L1Purger", "PurgeTarget", "check_purge_value", "invalidate_unsafe", "is_same_url", "parse_purge_url"]
+__all__ = [
+    "InvalidationAnnouncer",
+    "L1Purger",
+    "PurgeTarget",
+    "check_purge_value",
+    "invalidate_unsafe",
+    "is_same_url",
+    "parse_purge_url",
+    "purge_url",
+]
 
 log = logging.getLogger("nexus.cache")
 
@@ -160,6 +172,37 @@ def invalidate_unsafe(layer, route_policy, scope, consumer, host: str | None, up
         purger.url(target, soft=False)
         if layer.l2 is not None:
             layer.l2.enqueue_delete(target)
+        if layer.announcer is not None:
+            layer.announcer.announce(target)
+
+
+def purge_url(target: PurgeTarget) -> str:
+    """Return the purge URL of `target`: `http://host/path?query`, or `/path?query` without a host."""
+    query = "?" + target.query.decode("latin-1") if target.query else ""
+    if target.host:
+        return f"http://{target.host}{target.path}{query}"
+    return f"{target.path}{query}"
+
+
+class InvalidationAnnouncer:
+    """A worker's producer of invalidation records: URLs it dropped after unsafe methods, for other nodes."""
+
+    def __init__(self, ring) -> None:
+        self._push = ring.push
+        self.dropped = 0
+
+    def announce(self, target: PurgeTarget) -> None:
+        """Push `target`'s URL to the master; a full ring drops it (counted), and other nodes keep the entry until it expires."""
+        url = purge_url(target).encode("latin-1", "replace")
+        try:
+            pushed = push_with_text(self._push, INVALIDATE_KIND, (), url)
+        except ValueError:
+            # A URL longer than a record can carry (14 KiB): too long for a
+            # request line anyway, and the local purge has been done.
+            pushed = False
+        if not pushed:
+            self.dropped += 1
+            log.warning("cache invalidation not announced to other nodes url=%.200s: the ring is full or the URL too long", url)
 
 
 def _same_origin(reference: str, host: str | None) -> PurgeTarget | None:

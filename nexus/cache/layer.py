@@ -35,7 +35,7 @@ from nexus.body import BodySource
 from nexus.cache import policy
 from nexus.cache.coalesce import Coalescer, Fill
 from nexus.cache.entry import VARY_INDEX, StoredResponse, decode_meta, encode_meta
-from nexus.cache.invalidation import SOFT_PURGED, L1Purger, invalidate_unsafe
+from nexus.cache.invalidation import SOFT_PURGED, InvalidationAnnouncer, L1Purger, invalidate_unsafe
 from nexus.cache.capture import ResponseCapture
 from nexus.cache.fields import (
     adding_status,
@@ -130,11 +130,13 @@ class _Context:
 class CacheLayer:
     """The cache of one worker's gateway."""
 
-    def __init__(self, config: Config, store: CacheStore, metrics, l2=None) -> None:
+    def __init__(self, config: Config, store: CacheStore, metrics, l2=None, announcer=None) -> None:
         self.store = store
         self.state = store.state
         self.metrics = metrics
         self.l2 = l2
+        # Sends URLs invalidated by unsafe methods to the other nodes (with Redis).
+        self.announcer = announcer
         self.coalescer = Coalescer(store)
         self.request_id_header = config.request_id_header.lower()
         self.tag_headers = tuple(name.lower() for name in config.cache.tag_headers)
@@ -147,8 +149,12 @@ class CacheLayer:
         self._background: set[asyncio.Task] = set()
 
     @classmethod
-    def for_gateway(cls, config: Config, store: CacheStore, metrics) -> CacheLayer | None:
-        """Return the layer for a worker's gateway, or None when no route has an enabled cache."""
+    def for_gateway(cls, config: Config, store: CacheStore, metrics, ring=None) -> CacheLayer | None:
+        """Return the layer for a worker's gateway, or None when no route has an enabled cache.
+
+        `ring` is the worker's event ring, which carries invalidations to the
+        master when there is Redis to send them on.
+        """
         if not any(route.cache is not None and route.cache.enabled for route in config.routes):
             return None
         l2 = None
@@ -156,7 +162,10 @@ class CacheLayer:
             from nexus.cache.l2 import L2
 
             l2 = L2(config, metrics)
-        return cls(config, store, metrics, l2)
+        announcer = None
+        if config.redis is not None and ring is not None:
+            announcer = InvalidationAnnouncer(ring)
+        return cls(config, store, metrics, l2, announcer)
 
     def policy(self, route: str) -> RoutePolicy | None:
         return self.policies.get(route)

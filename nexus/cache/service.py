@@ -20,6 +20,12 @@ stream is gone (a Redis restart without persistence), the node cannot tell
 what it missed and clears its L1. L2 needs no catch-up: its tag purges are
 generations, its URL purges deletions.
 
+Workers announce the URLs they invalidated after unsafe methods through
+their rings (`nexus.cache.invalidation.InvalidationAnnouncer`); the ring
+drain hands them to `on_invalidation`, and a thread appends them to the
+same stream in pipelined batches, so other nodes drop them from their L1.
+The workers have already deleted them from L2.
+
 `GET /cache/stats` returns the store's counters.
 """
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +60,9 @@ _BLOCK_MS = 500
 # Wait after a failed Redis call before reconnecting, in seconds.
 _RECONNECT_S = 0.2
 _FAILURES = (redis.RedisError, RedisClusterException, OSError)
+# Invalidations waiting to be sent; past this many the oldest are dropped
+# (and logged), and other nodes keep those URLs until they expire.
+_ANNOUNCE_QUEUE = 10_000
 
 
 class CacheService:
@@ -73,6 +83,12 @@ class CacheService:
         self.clears = 0
         self._publisher = None
         self._publish_lock = threading.Lock()
+        self._announced: deque[str] = deque()
+        self._announce_lock = threading.Lock()
+        self._announce_ready = threading.Event()
+        self._announcer: threading.Thread | None = None
+        self.announced = 0
+        self.announce_drops = 0
         self._configure(master.config)
 
     def _configure(self, config: Config) -> None:
@@ -95,11 +111,17 @@ class CacheService:
             return
         self._thread = threading.Thread(target=self._listen, name="nexus-cache-purges", daemon=True)
         self._thread.start()
+        self._announcer = threading.Thread(target=self._announce_loop, name="nexus-cache-invalidations", daemon=True)
+        self._announcer.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._announce_ready.set()
         if self._thread is not None:
             self._thread.join(_BLOCK_MS / 1000 * 4)
+        if self._announcer is not None:
+            self._announcer.join(self._redis_config.timeout * 4 if self._redis_config else 1.0)
+            self._announcer = None
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
@@ -138,6 +160,8 @@ class CacheService:
         stats["stream_last_id"] = self.last_id
         stats["stream_purges_applied"] = self.applied
         stats["stream_gap_clears"] = self.clears
+        stats["invalidations_announced"] = self.announced
+        stats["invalidations_dropped"] = self.announce_drops
         return stats
 
     def handle_purge(self, query: dict[str, str], body: Any) -> dict[str, Any]:
@@ -167,6 +191,25 @@ class CacheService:
             result["nodes"] = "all"
         return result
 
+    def on_invalidation(self, worker: int, _row: tuple[int, ...], text: bytes) -> None:
+        """Queue a URL that a worker invalidated after an unsafe method, for the other nodes; runs in the ring drain."""
+        if self._redis_config is None:
+            return
+        url = text.decode("latin-1")
+        try:
+            check_purge_value("url", url)
+        except ValueError as exc:
+            log.warning("ignoring an invalid cache invalidation from worker=%d: %s", worker, exc)
+            return
+        with self._announce_lock:
+            if len(self._announced) >= _ANNOUNCE_QUEUE:
+                self._announced.popleft()
+                self.announce_drops += 1
+                if self.announce_drops % 1000 == 1:
+                    log.warning("cache invalidations dropped=%d: Redis is too slow or away; other nodes keep those URLs until they expire", self.announce_drops)
+            self._announced.append(url)
+        self._announce_ready.set()
+
     def apply(self, kind: str, value: str, soft: bool) -> int:
         """Apply one purge to this node's L1; return how many entries a URL or prefix purge removed."""
         if kind == "tag":
@@ -188,14 +231,28 @@ class CacheService:
         nodes = [ClusterNode(urlsplit(url).hostname, urlsplit(url).port or 6379) for url in config.cluster]
         return RedisCluster(startup_nodes=nodes, **options)
 
-    def _publish(self, kind: str, value: str, soft: bool) -> None:
+    def _publisher_client(self):
+        """Return the client that writes to the stream, creating it if needed.
+
+        One client is kept across purges (its pool is thread-safe), so a
+        purge costs no connection set-up; `_drop_publisher` after a failure
+        makes the next call create a fresh one.
+        """
         assert self._redis_config is not None
-        # One client kept across purges (its pool is thread-safe), so a purge
-        # costs no connection set-up; a failure drops it for a fresh one.
         with self._publish_lock:
             if self._publisher is None:
                 self._publisher = self._client(self._redis_config.timeout * 4)
-            client = self._publisher
+            return self._publisher
+
+    def _drop_publisher(self, client) -> None:
+        with self._publish_lock:
+            if self._publisher is client:
+                self._publisher = None
+        client.close()
+
+    def _publish(self, kind: str, value: str, soft: bool) -> None:
+        assert self._redis_config is not None
+        client = self._publisher_client()
         try:
             if kind == "tag":
                 hard_key, soft_key = tag_generation_keys(self._redis_config.key_prefix, value)
@@ -205,10 +262,41 @@ class CacheService:
             fields = {"kind": kind, "value": value, "soft": "1" if soft else "0", "node": self._node_id}
             client.xadd(self._stream, fields, maxlen=self.config.cache.purge_stream_length, approximate=True)
         except _FAILURES:
-            with self._publish_lock:
-                self._publisher = None
-            client.close()
+            self._drop_publisher(client)
             raise
+
+    def _announce_loop(self) -> None:
+        """Send queued invalidations to the stream in batches until stop(), then once more."""
+        while True:
+            self._announce_ready.wait()
+            self._announce_ready.clear()
+            stopping = self._stop.is_set()
+            with self._announce_lock:
+                batch = list(self._announced)
+                self._announced.clear()
+            if batch and not self._send_invalidations(batch) and not stopping:
+                with self._announce_lock:
+                    self._announced.extendleft(reversed(batch))
+                self._stop.wait(_RECONNECT_S)
+                self._announce_ready.set()
+            if stopping:
+                return
+
+    def _send_invalidations(self, urls: list[str]) -> bool:
+        """Append one url event per URL to the stream in one pipeline; False if Redis failed."""
+        client = self._publisher_client()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for url in urls:
+                fields = {"kind": "url", "value": url, "soft": "0", "node": self._node_id}
+                pipe.xadd(self._stream, fields, maxlen=self.config.cache.purge_stream_length, approximate=True)
+            pipe.execute()
+        except _FAILURES as exc:
+            log.warning("cache invalidations not sent to other nodes count=%d error=%r; retrying", len(urls), exc)
+            self._drop_publisher(client)
+            return False
+        self.announced += len(urls)
+        return True
 
     def _delete_l2(self, client, kind: str, value: str) -> None:
         target = parse_purge_url(value)
@@ -290,7 +378,7 @@ class CacheService:
         self.applied += 1
 
     def _clear(self, reason: str) -> None:
-        # Logged after the clear, so a reader of the log knows it is done.
+        # Logged after the clear, so the log line means the clear is done.
         self.purger.clear()
         self.clears += 1
         log.warning("cleared the cache of this node: %s", reason)

@@ -30,8 +30,12 @@ Text record, kind 2:
     0  bits 0-7 kind, 8-23 byte length of this part
     1-7  up to 56 bytes of the request id, little-endian in each word
 
-Records of other kinds belong to other producers; the drain hands them to
-the handler registered for their kind.
+Cache invalidation record, kind 3 (`nexus.cache.invalidation`):
+    0  bits 0-7 kind, 8-15 text records that follow (the URL)
+    1-7  zero
+
+Records of other kinds belong to other producers; the drain hands them,
+with the text that followed them, to the handler registered for their kind.
 """
 
 from __future__ import annotations
@@ -54,18 +58,21 @@ from nexus.shm.ring import Ring
 __all__ = [
     "ACCESS_KIND",
     "CACHE_RESULTS",
+    "INVALIDATE_KIND",
     "TEXT_KIND",
     "AccessLogWriter",
     "AccessRecord",
     "AccessRecorder",
     "Names",
     "decode",
+    "push_with_text",
 ]
 
 log = logging.getLogger("nexus.access_log")
 
 ACCESS_KIND = 1
 TEXT_KIND = 2
+INVALIDATE_KIND = 3
 _TEXT_BYTES = 56
 _TEXT_WORDS = struct.Struct("<7Q")
 _MASK32 = 0xFFFF_FFFF
@@ -134,10 +141,8 @@ class AccessRecorder:
         """
         names = self._names
         text = request_id.encode("ascii", "replace") if request_id and not request_id_is_trace else b""
-        parts = (len(text) + _TEXT_BYTES - 1) // _TEXT_BYTES
         head = (
             ACCESS_KIND
-            | parts << 8
             | (status & 0xFFFF) << 16
             | names.route_ids.get(route, 0) << 32
             | (_CACHE_IDS.get(cache, 0) if cache else 0) << 48
@@ -150,13 +155,27 @@ class AccessRecorder:
         upstream_us = 0 if upstream_ns is None else min(upstream_ns // 1000 + 1, _MASK32)
         durations = min(duration_ns // 1000, _MASK32) | upstream_us << 32
         flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
-        if not self._push(head, started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, flags):
+        words = (started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, flags)
+        return push_with_text(self._push, head, words, text)
+
+
+def push_with_text(push, head: int, words: tuple[int, ...], text: bytes) -> bool:
+    """Push a record (its head word, then up to seven words) and `text` after it in text records.
+
+    The number of text records goes into bits 8-15 of the head, so at most
+    255 * 56 bytes of text. Returns False if the ring was full: a record
+    whose text was cut is read with the part that arrived.
+    """
+    parts = (len(text) + _TEXT_BYTES - 1) // _TEXT_BYTES
+    if parts > 0xFF:
+        raise ValueError(f"text of {len(text)} bytes does not fit in one ring record's {0xFF * _TEXT_BYTES} bytes")
+    if not push(head | parts << 8, *words):
+        return False
+    for start in range(0, len(text), _TEXT_BYTES):
+        chunk = text[start : start + _TEXT_BYTES]
+        if not push(TEXT_KIND | len(chunk) << 8, *_TEXT_WORDS.unpack(chunk.ljust(_TEXT_BYTES, b"\0"))):
             return False
-        for start in range(0, len(text), _TEXT_BYTES):
-            chunk = text[start : start + _TEXT_BYTES]
-            if not self._push(TEXT_KIND | len(chunk) << 8, *_TEXT_WORDS.unpack(chunk.ljust(_TEXT_BYTES, b"\0"))):
-                return False
-        return True
+    return True
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -196,13 +215,22 @@ _TIMES = _TimeFormatter()
 def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=None) -> list[AccessRecord]:
     """Decode drained ring rows of one worker into access records.
 
-    Text records whose access record was dropped are skipped; an access
-    record whose text records were dropped keeps what arrived of its id.
-    Rows of other kinds go to `others[kind](worker, row)` when a handler
-    is registered, and are skipped otherwise.
+    Text records whose head record was dropped are skipped; a record whose
+    text records were dropped keeps what arrived of its text. Records of
+    other kinds go to `others[kind](worker, row, text)` when a handler is
+    registered, and are skipped otherwise.
     """
     records: list[AccessRecord] = []
-    pending: list | None = None  # [head fields, parts still expected, text bytes]
+    pending: list | None = None  # [head row, parts still expected, text bytes]
+
+    def finish(done: list) -> None:
+        row, _, text = done
+        kind = row[0] & 0xFF
+        if kind == ACCESS_KIND:
+            records.append(_finish(done, names, worker))
+        elif others is not None and kind in others:
+            others[kind](worker, row, text)
+
     for row in rows:
         kind = row[0] & 0xFF
         if kind == TEXT_KIND:
@@ -211,21 +239,17 @@ def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=No
                 pending[2] += _TEXT_WORDS.pack(*row[1:8])[:length]
                 pending[1] -= 1
                 if pending[1] == 0:
-                    records.append(_finish(pending, names, worker))
+                    finish(pending)
                     pending = None
             continue
         if pending is not None:
-            records.append(_finish(pending, names, worker))
+            finish(pending)
+        pending = [row, (row[0] >> 8) & 0xFF, b""]
+        if pending[1] == 0:
+            finish(pending)
             pending = None
-        if kind == ACCESS_KIND:
-            pending = [row, (row[0] >> 8) & 0xFF, b""]
-            if pending[1] == 0:
-                records.append(_finish(pending, names, worker))
-                pending = None
-        elif others is not None and kind in others:
-            others[kind](worker, row)
     if pending is not None:
-        records.append(_finish(pending, names, worker))
+        finish(pending)
     return records
 
 

@@ -59,8 +59,8 @@ class ObservabilityService:
         self._names: dict[int, tuple[Config, Names]] = {}
         # The rings drained last pass, by (id(ring set), first slot).
         self._last_sources: dict[tuple[int, int], tuple[Config, Any, range]] = {}
-        # Handlers for ring records of other kinds, by kind: handler(worker, row).
-        self.ring_handlers: dict[int, Callable[[int, tuple[int, ...]], None]] = {}
+        # Handlers for ring records of other kinds, by kind: handler(worker, row, text).
+        self.ring_handlers: dict[int, Callable[[int, tuple[int, ...], bytes], None]] = {}
         self.records_drained = 0
         self.writer = self._make_writer(self.config)
         self.metrics_address: str | None = None

@@ -299,6 +299,34 @@ def test_purge_reaches_other_node_within_100ms_p99(origin, gateway_factory, sock
     assert p99 < 0.1, f"p99 {p99 * 1000:.1f} ms, delays {[round(d * 1000, 1) for d in delays]}"
 
 
+def test_unsafe_method_invalidates_other_node(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    a = gateway_factory(_config(origin.url, socket_dir / "a.sock", server.url, node="a")).url
+    b_gateway = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b"))
+    b = b_gateway.url
+    origin.respond("/items/7", headers=[("Cache-Control", "max-age=600")])
+    origin.respond("/items/8", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+    for path in ("/items/7", "/items/8"):
+        _get(b, path)
+        assert "hit" in _status(_get(b, path, only_if_cached=True))
+
+    # A write on node a drops the URL from node b's L1 too (RFC 9111 section
+    # 4.4 across nodes), and only that URL.
+    reply = send(a, "/items/7", method="POST", body=b"new", headers=[("Host", "api.example")])
+    assert reply.status == 200
+    started = time.monotonic()
+    wait_for(
+        lambda: "hit" not in _status(_get(b, "/items/7", only_if_cached=True)),
+        5,
+        message="node b dropping the URL written on node a",
+    )
+    print(f"unsafe-method invalidation reached node b in {(time.monotonic() - started) * 1000:.0f} ms")
+    assert "hit" in _status(_get(b, "/items/8", only_if_cached=True))
+    stats = AdminClient(str(socket_dir / "a.sock")).call("GET", "/cache/stats")
+    assert stats["invalidations_announced"] >= 1
+
+
 def test_disconnected_node_catches_up(origin, gateway_factory, socket_dir, redis_server_factory):
     server = redis_server_factory()
     relay = TcpRelay(server.port)
