@@ -13,6 +13,10 @@ A wait ends when the entry appears, when the slot is released without one
 (the response was not storable, or the leader failed), when the holder is
 found dead, or after the route's `coalesce_timeout`; the waiter then goes
 upstream itself.
+
+A stale entry is revalidated the same way: one request leads the
+conditional request, and the others wait until its fill ends
+(`wait_done`), then look the entry up again.
 """
 
 from __future__ import annotations
@@ -77,6 +81,29 @@ class Coalescer:
                 return None
             return self._store.get(key)
         return await self._poll(key, deadline)
+
+    async def wait_done(self, key: bytes, timeout: float) -> bool:
+        """Wait until the running fill of `key` ends; return False if `timeout` passed first.
+
+        Unlike `wait`, an entry already in the store does not end the wait:
+        for a stale entry, the fill is its revalidation.
+        """
+        fill = self._local.get(key)
+        if fill is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(fill.future), timeout)
+            except TimeoutError:
+                return False
+            return True
+        key_hash = self._store.hash_key(key)
+        deadline = time.monotonic() + timeout
+        delay = _FIRST_POLL_S
+        while self._state.is_filling(key_hash):
+            if time.monotonic() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL_S)
+        return True
 
     async def _poll(self, key: bytes, deadline: float) -> Entry | None:
         key_hash = self._store.hash_key(key)

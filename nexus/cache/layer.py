@@ -293,7 +293,39 @@ class CacheLayer:
             ctx.detail = [reason]
             await self._forward_uncached(ctx, pool, send)
             return
+        if not stale or directives.no_cache or not ctx.policy.coalesce:
+            # The request itself asks for validation: it is not shared.
+            await self._validate(ctx, pool, send, reason, remaining)
+            return
+        await self._validate_coalesced(ctx, pool, send, reason, remaining)
+
+    async def _validate_coalesced(self, ctx: _Context, pool, send, reason: bytes, remaining: float) -> None:
+        """Revalidate a stale entry once per key across the node; the others wait and serve the result."""
+        fill = self.coalescer.try_lead(ctx.key)
+        if fill is not None:
+            try:
+                await self._validate(ctx, pool, send, reason, remaining)
+            finally:
+                fill.finish()
+            return
+        if await self.coalescer.wait_done(ctx.key, ctx.policy.coalesce_timeout) and await self._serve_coalesced(ctx, send):
+            return
+        # The revalidation failed, stored nothing fresh, or took too long.
         await self._validate(ctx, pool, send, reason, remaining)
+
+    async def _serve_coalesced(self, ctx: _Context, send) -> bool:
+        """Serve the entry another request just stored or refreshed, if it is fresh now; return whether it was served."""
+        ctx.detail = []
+        entry = self._lookup(ctx)
+        if entry is None or ctx.stored is None:
+            return False
+        meta = ctx.stored
+        left = meta.lifetime - meta.age(time.time())
+        if left <= 0 or meta.flags & policy.MUST_VALIDATE or self._soft_purged(entry, meta):
+            return False
+        self.count(ctx, "coalesced")
+        await self._send_stored(ctx, meta, ctx.body, send, cache_status(b"hit", left, b"collapsed"))
+        return True
 
     async def _send_stored(self, ctx: _Context, meta: StoredResponse, body: bytes, send, status: bytes) -> None:
         """Send a stored response with Age and Cache-Status, or a 304 when the request's conditions match it."""
@@ -342,14 +374,8 @@ class CacheLayer:
             return
 
         entry = await self.coalescer.wait(ctx.key, ctx.policy.coalesce_timeout)
-        if entry is not None:
-            ctx.detail = []
-            if self._lookup(ctx) is not None and ctx.stored is not None:
-                meta = ctx.stored
-                self.count(ctx, "coalesced")
-                status = cache_status(b"hit", meta.lifetime - meta.age(time.time()), b"collapsed")
-                await self._send_stored(ctx, meta, ctx.body, send, status)
-                return
+        if entry is not None and await self._serve_coalesced(ctx, send):
+            return
         # The fill stored nothing usable, or the wait timed out.
         ctx.detail = [b"fwd=miss"]
         await self._fetch(ctx, pool, send)

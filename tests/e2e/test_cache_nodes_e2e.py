@@ -79,6 +79,33 @@ def test_stampede_200_requests_one_upstream_request(origin, gateway_factory, soc
     assert origin.count("/cold") == 1
 
 
+def test_stale_entry_revalidated_once(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock"), workers=2)
+    origin.respond("/stale", headers=[("Cache-Control", "max-age=1"), ("ETag", '"v1"')], body=b"x" * 1000)
+    assert _get(gateway.url, "/stale").status == 200
+    time.sleep(1.2)
+    # The origin now takes 300 ms to answer: without coalescing, every
+    # request below would send its own conditional request meanwhile.
+    origin.respond("/stale", headers=[("Cache-Control", "max-age=60"), ("ETag", '"v1"')], body=b"x" * 1000, delay=0.3)
+    host, port = host_port(gateway.url)
+
+    async def one() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /stale HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+    async def all_at_once() -> list[tuple[int, bytes]]:
+        return await asyncio.gather(*(one() for _ in range(100)))
+
+    replies = asyncio.run(all_at_once())
+    assert [status for status, _ in replies] == [200] * 100
+    assert all(body == b"x" * 1000 for _, body in replies)
+    assert origin.count("/stale") == 2
+    assert "if-none-match" in origin.last("/stale").headers
+
+
 def test_coalesce_timeout_then_upstream(origin, gateway_factory, socket_dir):
     gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock", cache="{coalesce_timeout: 100ms}"))
     origin.respond("/slow", headers=[("Cache-Control", "max-age=60")], delay=1.0)
