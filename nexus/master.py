@@ -238,7 +238,7 @@ class Master(UpgradeSteps):
         log.info("shared memory created %s", " ".join(f"{name}={size}" for name, size in shared.sizes().items()))
         generation = self._new_generation(self.config, self._config_hash, shared, layout, listeners, 1, 0)
         self._activate(generation)
-        self._start_services()
+        self._start_services(fresh=True)
         self._start_admin(replace_live=False)
         self._start_redis_sync()
         log.info(
@@ -262,8 +262,14 @@ class Master(UpgradeSteps):
         except OSError as exc:
             raise StartError(exc.strerror) from None
 
-    def _start_services(self) -> None:
+    def _start_services(self, fresh: bool = False) -> None:
+        """Build and start the services; on a fresh start, first let each refuse what it cannot serve (StartError)."""
         self.services = master_services(self)
+        if fresh:
+            for service in self.services:
+                startup_check = getattr(service, "startup_check", None)
+                if startup_check is not None:
+                    startup_check()
         for service in self.services:
             service.start()
 
@@ -760,7 +766,12 @@ class Master(UpgradeSteps):
             self._stop_redis_sync()
             self._start_redis_sync()
         for service in self.services:
-            service.reconfigure(config)
+            # The new generation serves already: a service that fails to
+            # follow it is logged, and the reload still counts as done.
+            try:
+                service.reconfigure(config)
+            except Exception:
+                log.exception("service did not apply the new config service=%s generation=%d", service.name, generation.number)
         if self._admin is not None:
             self._admin.reconfigure(config)
         log.info("reload done generation=%d previous=%d config_hash=%s", generation.number, previous.number, generation.config_hash)

@@ -42,3 +42,9 @@ def test_row_below_the_previous_cut_has_no_rate():
     # With room to spare, a missing row had no requests before.
     rows = {line.split()[0]: line.split() for line in render(current, previous, limit=10).splitlines() if line.startswith("newcomer")}
     assert rows["newcomer"][1] == "30.0"
+
+
+def test_usage_off_is_said():
+    document = {**usage(100.0, 0), "recording": False}
+    assert "usage is off" in render(document)
+    assert "usage is off" not in render(usage(100.0, 0))

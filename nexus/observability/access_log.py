@@ -322,19 +322,38 @@ class AccessLogWriter:
         if not lines:
             return 0
         with self._lock:
+            if self._file is None:
+                # The file could not be opened again after a failed write;
+                # `nexusctl access-log reopen` tries once more.
+                self.write_errors += 1
+                return 0
             try:
-                assert self._file is not None
                 self._file.write(_ENCODER.encode_lines(lines).decode())
                 self._file.flush()
             except OSError as exc:
                 self.write_errors += 1
-                log.error("cannot write the access log path=%s: %s", self.path, exc)
+                if self.write_errors % 100 == 1:
+                    log.error("cannot write the access log path=%s: %s (failed batches: %d)", self.path, exc, self.write_errors)
+                self._drop_buffer()
                 return 0
         self.lines += len(lines)
         return len(lines)
 
+    def _drop_buffer(self) -> None:
+        """After a failed write, open the file afresh: what stayed in the buffer is lost, and it does not grow."""
+        if self._file is None or self._file is sys.stderr:
+            return
+        _close_quietly(self._file, self.path)
+        try:
+            self._open()
+        except OSError:
+            self._file = None
+
     def reopen(self) -> None:
-        """Close and reopen the log file, so that a file renamed by logrotate is let go."""
+        """Close and reopen the log file, so that a file renamed by logrotate is let go.
+
+        Raises OSError if the file cannot be opened; the old one is kept then.
+        """
         if self.path == "-":
             return
         with self._lock:
@@ -344,13 +363,21 @@ class AccessLogWriter:
             except OSError as exc:
                 self._file = old
                 log.error("cannot reopen the access log path=%s: %s; still writing to the old file", self.path, exc)
-                return
+                raise
             if old is not None:
-                old.close()
+                _close_quietly(old, self.path)
         log.info("access log reopened path=%s", self.path)
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None and self._file is not sys.stderr:
-                self._file.close()
+                _close_quietly(self._file, self.path)
             self._file = None
+
+
+def _close_quietly(file: IO[str], path: str) -> None:
+    """Close `file`; a failure to flush its last lines (a full disk) is logged, not raised."""
+    try:
+        file.close()
+    except OSError as exc:
+        log.error("closing the access log lost its last buffered lines path=%s: %s", path, exc)

@@ -32,7 +32,7 @@ def _rates(
 
     `previous` contains at most `limit` rows, the busiest. A row missing from
     a full `previous` may have been just below its cut, so its rate is
-    unknown; missing from a shorter one, it had no requests.
+    unknown. A row missing from a shorter one had no requests.
     """
     if previous is None or seconds <= 0:
         return {row["name"]: None for row in current}
@@ -86,6 +86,10 @@ def render(usage: dict[str, Any], previous: dict[str, Any] | None = None, limit:
     lines = [
         f"nexus top: {usage['records']} requests since {started}"
         + (f", rates over the last {seconds:.1f} s" if previous else ""),
+    ]
+    if usage.get("recording") is False:
+        lines.append("usage is off (usage: false and no access_log.path): workers send no records to count")
+    lines += [
         "",
         _table("consumer", usage["consumers"], consumers),
         "",

@@ -17,7 +17,9 @@ logrotate renamed it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ from nexus.observability.access_log import AccessLogWriter, Names, decode
 from nexus.observability.exposition import NexusCollector
 from nexus.observability.usage import UsageTable
 from nexus.services import AdminError, AdminHandler
+from nexus.supervision import StartError
 
 if TYPE_CHECKING:
     from nexus.master import Master
@@ -62,6 +65,13 @@ class ObservabilityService:
         # Handlers for ring records of other kinds, by kind: handler(worker, row, text).
         self.ring_handlers: dict[int, Callable[[int, tuple[int, ...], bytes], None]] = {}
         self.records_drained = 0
+        # A relative access_log.path is relative to the config file's directory.
+        config_path = getattr(master, "config_path", None)
+        self._base_dir = os.path.dirname(config_path) if config_path else os.getcwd()
+        # Lines and write errors of access log writers replaced by reloads,
+        # so that their counters never go backwards.
+        self._retired_lines = 0
+        self._retired_write_errors = 0
         self.writer = self._make_writer(self.config)
         self.metrics_address: str | None = None
         self._server = None
@@ -88,23 +98,33 @@ class ObservabilityService:
             self._thread.join(2.0)
         self.drain_once()
         self._stop_metrics()
-        if self.writer is not None:
-            self.writer.close()
+        with self._drain_lock:
+            self._retire_writer()
+
+    def startup_check(self) -> None:
+        """Raise StartError if the access log cannot be opened or the metrics address cannot be bound.
+
+        Called on a fresh start only, before any worker is forked, so a
+        gateway never starts without the log or the metrics it was given.
+        """
+        problems = [
+            problem
+            for problem in (self._log_problem(self.config, None), _metrics_problem(self.config.admin.metrics, None))
+            if problem is not None
+        ]
+        if problems:
+            raise StartError("; ".join(problems))
 
     def check(self, config: Config) -> None:
-        """Reject a reload whose new access log path cannot be opened for appending."""
-        path = config.access_log.path
-        if path is None or path == "-" or path == self.config.access_log.path:
-            return
-        try:
-            with open(path, "a", encoding="utf-8"):
-                pass
-        except OSError as exc:
-            raise AdminError(
-                422,
-                f"access_log.path: cannot open {path!r} for appending: {exc.strerror}; "
-                "create its directory with write access for the service user, or choose another path",
-            ) from None
+        """Reject a reload whose access log cannot be opened or whose new metrics address cannot be bound."""
+        # An unchanged path or address is not tested: a log directory that
+        # went away must not block reloads; reconfigure tries it again.
+        for problem in (
+            self._log_problem(config, self.config),
+            _metrics_problem(config.admin.metrics, self.config.admin.metrics),
+        ):
+            if problem is not None:
+                raise AdminError(422, problem)
 
     def reconfigure(self, config: Config) -> None:
         old = self.config
@@ -112,12 +132,13 @@ class ObservabilityService:
         # The new generation may have new tables (more workers, other targets).
         self.collector.config = config
         self.collector.shared = self.master.shared
-        if config.access_log != old.access_log:
+        # A log or listener that failed before is tried again, even with the
+        # same settings: the operator may have fixed the directory or the port.
+        if config.access_log != old.access_log or (self.writer is None and config.access_log.path is not None):
             with self._drain_lock:
-                if self.writer is not None:
-                    self.writer.close()
+                self._retire_writer()
                 self.writer = self._make_writer(config)
-        if config.admin.metrics != old.admin.metrics:
+        if config.admin.metrics != old.admin.metrics or (self._server is None and config.admin.metrics is not None):
             self._stop_metrics()
             self._start_metrics(config.admin.metrics)
 
@@ -133,8 +154,10 @@ class ObservabilityService:
         while not self._stop.wait(DRAIN_INTERVAL):
             if self._reopen.is_set():
                 self._reopen.clear()
-                if self.writer is not None:
-                    self.writer.reopen()
+                try:
+                    self._reopen_log()
+                except AdminError as exc:
+                    log.error("SIGUSR1: %s", exc.message)
             try:
                 self.drain_once()
             except Exception:
@@ -194,14 +217,58 @@ class ObservabilityService:
         limit = query.get("limit")
         if limit is not None and not (limit.isdigit() and int(limit) > 0):
             raise AdminError(400, f"invalid limit {limit!r}: give a positive whole number of rows, such as limit=10")
-        return self.usage.snapshot(int(limit) if limit else None)
+        usage = self.usage.snapshot(int(limit) if limit else None)
+        # Workers send records only with usage or an access log on.
+        usage["recording"] = bool(self.config.usage or self.config.access_log.path is not None)
+        return usage
 
     def _post_reopen(self, _query: dict[str, str], _body: Any) -> dict:
-        if self.writer is None:
-            raise AdminError(409, "no access log file is configured: set access_log.path to a file")
+        return {"reopened": self._reopen_log()}
+
+    def _reopen_log(self) -> str:
+        """Reopen the access log file (or open it, if it failed before); return its path or raise AdminError."""
+        path = self._log_path(self.config)
+        if path is None:
+            raise AdminError(409, "no access log file is configured: set access_log.path to a file and reload")
+        if path == "-":
+            raise AdminError(409, "the access log goes to stderr, which has no file to reopen")
         with self._drain_lock:
-            self.writer.reopen()
-        return {"reopened": self.writer.path}
+            if self.writer is None:
+                self.writer = self._make_writer(self.config)
+                if self.writer is None:
+                    raise AdminError(503, f"{self._log_problem(self.config, None)}; no access log is written")
+                return path
+            try:
+                self.writer.reopen()
+            except OSError as exc:
+                raise AdminError(
+                    503,
+                    f"cannot reopen the access log {path!r}: {exc.strerror}; still writing to the old file; "
+                    "create the directory with write access for the service user and retry",
+                ) from None
+        return path
+
+    def _retire_writer(self) -> None:
+        """Close the writer (if any) and keep its counts; the caller holds the drain lock."""
+        if self.writer is None:
+            return
+        self._retired_lines += self.writer.lines
+        self._retired_write_errors += self.writer.write_errors
+        self.writer.close()
+        self.writer = None
+
+    def _log_path(self, config: Config) -> str | None:
+        path = config.access_log.path
+        if path is None or path == "-":
+            return path
+        return os.path.join(self._base_dir, path)
+
+    def _log_problem(self, config: Config, current: Config | None) -> str | None:
+        """Return why `config`'s access log cannot be opened, or None; unchanged from `current` needs no test."""
+        path = self._log_path(config)
+        if path is None or path == "-" or (current is not None and self._log_path(current) == path):
+            return None
+        return _file_problem(path)
 
     # Metrics.
 
@@ -221,12 +288,14 @@ class ObservabilityService:
         )
         writer = self.writer
         yield CounterMetricFamily(
-            "nexus_access_log_lines", "Lines written to the access log.", value=writer.lines if writer else 0
+            "nexus_access_log_lines",
+            "Lines written to the access log.",
+            value=self._retired_lines + (writer.lines if writer else 0),
         )
         yield CounterMetricFamily(
             "nexus_access_log_write_errors",
             "Batches of access log lines that could not be written.",
-            value=writer.write_errors if writer else 0,
+            value=self._retired_write_errors + (writer.write_errors if writer else 0),
         )
 
     def _start_metrics(self, address: str | None) -> None:
@@ -254,19 +323,50 @@ class ObservabilityService:
             self._server.server_close()
             self._server = None
 
-    @staticmethod
-    def _make_writer(config: Config) -> AccessLogWriter | None:
-        """Open the configured access log; on failure log why and serve without one, not stop the gateway."""
+    def _make_writer(self, config: Config) -> AccessLogWriter | None:
+        """Open the configured access log; on failure log why and serve without one until a reload or reopen."""
         settings = config.access_log
-        if settings.path is None:
+        path = self._log_path(config)
+        if path is None:
             return None
         try:
-            return AccessLogWriter(settings.path, float(settings.sample), settings.always_log_errors)
+            return AccessLogWriter(path, float(settings.sample), settings.always_log_errors)
         except OSError as exc:
             log.error(
-                "cannot open the access log path=%s: %s; no access log is written until a reload with a "
-                "writable access_log.path",
-                settings.path,
+                "cannot open the access log path=%s: %s; no access log is written until `nexusctl access-log "
+                "reopen` or a reload succeeds",
+                path,
                 exc.strerror or exc,
             )
             return None
+
+
+def _file_problem(path: str) -> str | None:
+    """Return why `path` cannot be opened for appending, or None."""
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except IsADirectoryError:
+        return f"access_log.path: {path!r} is a directory; give a file in it, such as {os.path.join(path, 'access.log')!r}"
+    except OSError as exc:
+        return (
+            f"access_log.path: cannot open {path!r} for appending: {exc.strerror}; "
+            "create its directory with write access for the service user, or choose another path"
+        )
+    return None
+
+
+def _metrics_problem(address: str | None, current: str | None) -> str | None:
+    """Return why `address` cannot be bound for /metrics, or None; the address already served needs no test."""
+    if address is None or address == current:
+        return None
+    host, port = parse_listen_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the metrics server binds: with SO_REUSEADDR, so TIME_WAIT does not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return f"admin.metrics: cannot listen on {address}: {exc.strerror}; stop what uses it or choose another address"
+    return None
