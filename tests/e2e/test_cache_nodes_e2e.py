@@ -354,6 +354,30 @@ def test_unsafe_method_invalidates_other_node(origin, gateway_factory, socket_di
     assert stats["invalidations_announced"] >= 1
 
 
+def test_invalidation_waits_for_redis_to_return(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    relay = TcpRelay(server.port)
+    a = gateway_factory(_config(origin.url, socket_dir / "a.sock", f"redis://127.0.0.1:{relay.port}/0", node="a")).url
+    b_gateway = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b"))
+    b = b_gateway.url
+    origin.respond("/items/9", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+    _get(b, "/items/9")
+
+    # Node a writes while its Redis connection is cut: the invalidation
+    # waits in its queue and reaches node b once Redis is back.
+    relay.cut()
+    assert send(a, "/items/9", method="PUT", body=b"new", headers=[("Host", "api.example")]).status == 200
+    time.sleep(0.5)
+    assert "hit" in _status(_get(b, "/items/9", only_if_cached=True))
+    relay.restore()
+    wait_for(
+        lambda: "hit" not in _status(_get(b, "/items/9", only_if_cached=True)),
+        10,
+        message="node b dropping the URL once node a reaches Redis again",
+    )
+
+
 def test_disconnected_node_catches_up(origin, gateway_factory, socket_dir, redis_server_factory):
     server = redis_server_factory()
     relay = TcpRelay(server.port)
