@@ -252,8 +252,8 @@ class CacheLayer:
         fetched_us = meta.request_time * 1e6
         return any(self.state.tag_purged_at(bucket)[1] >= fetched_us for bucket in meta.tag_buckets)
 
-    async def _answer_stored(self, ctx: _Context, entry: Entry, pool, send) -> None:
-        """Serve, revalidate or replace the stored response found for the request."""
+    async def _answer_stored(self, ctx: _Context, entry: Entry, pool, send, from_l2: bool = False) -> None:
+        """Serve, revalidate or replace the stored response found for the request (in L1, or just copied from L2)."""
         meta = ctx.stored
         assert meta is not None
         now = time.time()
@@ -270,6 +270,10 @@ class CacheLayer:
             usable = not directives.no_cache and (directives.max_age is None or age <= directives.max_age)
             usable = usable and remaining >= directives.min_fresh
         if usable:
+            if from_l2:
+                self.count(ctx, "l2_hit")
+                await self._send_stored(ctx, meta, ctx.body, send, cache_status(b"hit", remaining, b"detail=l2"))
+                return
             self.count(ctx, "hit")
             await self._send_stored(ctx, meta, ctx.body, send, cache_status(b"hit", remaining))
             return
@@ -355,12 +359,13 @@ class CacheLayer:
         if self.l2 is not None:
             records = await self.l2.lookup(ctx)
             if records and not self._tag_purged(records[-1][1]):
-                _, meta, body = records[-1]
+                # Into L1 first, then served by the same rules as an L1 entry:
+                # an L2 copy may be stale, or the request may not accept it.
                 self.fill_from_l2(ctx, records)
-                self.count(ctx, "l2_hit")
-                left = meta.lifetime - meta.age(time.time())
-                await self._send_stored(ctx, meta, body, send, cache_status(b"hit", left, b"detail=l2"))
-                return
+                entry = self._lookup(ctx)
+                if entry is not None:
+                    await self._answer_stored(ctx, entry, pool, send, from_l2=True)
+                    return
 
         if not ctx.policy.coalesce:
             await self._fetch(ctx, pool, send)

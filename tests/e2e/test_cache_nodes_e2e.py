@@ -280,6 +280,31 @@ def test_l2_warms_second_node(origin, gateway_factory, socket_dir, redis_server_
     assert origin.count("/l2") == 1
 
 
+def test_l2_copy_follows_freshness_and_request_rules(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    a = gateway_factory(_config(origin.url, socket_dir / "a.sock", server.url, node="a")).url
+    b = gateway_factory(_config(origin.url, socket_dir / "b.sock", server.url, node="b")).url
+    origin.respond("/short", headers=[("Cache-Control", "max-age=1"), ("ETag", '"s1"')], body=b"short")
+    origin.respond("/long", headers=[("Cache-Control", "max-age=600"), ("ETag", '"l1"')], body=b"long")
+    _get(a, "/short")
+    _get(a, "/long")
+    wait_for(lambda: len(list(server.client().scan_iter(match=b"cachetest:cache:*"))) >= 2, 5, message="L2 writes")
+
+    # Expired in L2: node b must revalidate, not serve it as a hit.
+    time.sleep(1.5)
+    reply = _get(b, "/short")
+    assert reply.body == b"short"
+    assert "hit" not in _status(reply)
+    assert origin.count("/short") == 2
+    assert "if-none-match" in origin.last("/short").headers
+
+    # Fresh in L2, but the request asks for validation.
+    reply = send(b, "/long", headers=[("Host", "api.example"), ("Cache-Control", "no-cache")])
+    assert reply.body == b"long"
+    assert "hit" not in _status(reply)
+    assert origin.count("/long") == 2
+
+
 def test_l2_down_falls_back_to_upstream(origin, gateway_factory, socket_dir, redis_server_factory):
     server = redis_server_factory()
     url = gateway_factory(_config(origin.url, socket_dir / "a.sock", server.url, node="a")).url
