@@ -90,7 +90,9 @@ def test_may_serve_stale():
 
 
 def test_query_normalised_and_filtered():
-    assert normalise_query(b"b=2&a=1&&a=0", None) == b"a=0&a=1&b=2"
+    assert normalise_query(b"b=2&a=1&&a=0", None) == b"a=1&a=0&b=2"
+    # A repeated name keeps the order of its values: these are two requests.
+    assert normalise_query(b"a=2&a=1", None) != normalise_query(b"a=1&a=2", None)
     assert normalise_query(b"b=2&a=1&utm=x", frozenset({"a", "b"})) == b"a=1&b=2"
 
 

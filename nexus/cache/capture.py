@@ -17,8 +17,11 @@ ERROR_STATUSES = frozenset({500, 502, 503, 504})
 class ResponseCapture:
     """Watches one forwarded response: adds Cache-Status, stores it if storable, swallows a 304 being validated."""
 
-    def __init__(self, layer, ctx, send, reason: bytes, validating: bool = False) -> None:
+    def __init__(self, layer, ctx, send, reason: bytes, validating: bool = False, fill=None) -> None:
         self._layer = layer
+        # The coalescing fill this response leads, ended early when it will
+        # not be stored, so its waiters go upstream now instead of waiting.
+        self._fill = fill
         self._ctx = ctx
         self._send = send
         self._reason = reason
@@ -32,6 +35,7 @@ class ResponseCapture:
         self._meta: StoredResponse | None = None
         self._parts: list[bytes] = []
         self._size = 0
+        self._limit = 0
 
     def build_headers(self, upstream_headers) -> list[tuple[bytes, bytes]]:
         self.upstream_headers = list(upstream_headers)
@@ -58,9 +62,14 @@ class ResponseCapture:
                 self._swallow = True
                 return
         meta, detail = self._layer.plan_store(ctx, status, self.upstream_headers)
+        self._limit = self._layer.body_limit(ctx, self.upstream_headers)
+        if meta is not None:
+            meta, detail = self._fits(meta, detail)
         self._meta = meta
         if meta is None:
             result = "uncacheable"
+            if self._fill is not None:
+                self._fill.finish()
         else:
             result = "expired" if self._validating else "miss"
         self._layer.count(ctx, result)
@@ -69,11 +78,27 @@ class ResponseCapture:
         self.started = True
         await self._send(message)
 
+    def _fits(self, meta, detail: bytes):
+        """Check a storable response's declared length against the limits; return (meta, detail) or (None, reason).
+
+        Without a Content-Length the size is known only at the end, so the
+        Cache-Status header, sent first, claims nothing: `stored` is left out.
+        """
+        length = None
+        for name, value in self.upstream_headers:
+            if name.lower() == "content-length":
+                length = int(value) if value.strip().isdigit() else None
+        if length is None:
+            return meta, b""
+        if length > self._limit:
+            return None, b"detail=too-large"
+        return meta, detail
+
     async def _body(self, message: dict) -> None:
         chunk = message.get("body", b"")
         if self._meta is not None and chunk:
             self._size += len(chunk)
-            if self._size > self._ctx.policy.max_object:
+            if self._size > self._limit:
                 self._meta = None
                 self._parts = []
             else:

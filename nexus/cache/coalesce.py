@@ -35,7 +35,7 @@ _MAX_POLL_S = 0.016
 class Fill:
     """The leader's handle on one fill; `finish()` must run when the fill ends, stored or not."""
 
-    __slots__ = ("_coalescer", "key", "key_hash", "future", "shared")
+    __slots__ = ("_coalescer", "done", "key", "key_hash", "future", "shared")
 
     def __init__(self, coalescer: Coalescer, key: bytes, key_hash: int, shared: bool) -> None:
         self._coalescer = coalescer
@@ -43,8 +43,13 @@ class Fill:
         self.key_hash = key_hash
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
         self.shared = shared
+        self.done = False
 
     def finish(self) -> None:
+        """End the fill and wake its waiters; later calls do nothing (the slot may belong to another fill by then)."""
+        if self.done:
+            return
+        self.done = True
         self._coalescer._finish(self)
 
 

@@ -58,16 +58,22 @@ class KeyRules:
 
 
 def normalise_query(query: bytes, keep: frozenset[str] | None) -> bytes:
-    """Sort the query's parameters by name and value; keep only `keep` names when given.
+    """Sort the query's parameters by name; keep only `keep` names when given.
 
-    Parameters are compared as sent (percent-encoded), and empty ones
-    (`a&&b`) are dropped.
+    The sort is stable, so values of a repeated name keep their order:
+    `a=2&a=1` and `a=1&a=2` are different requests to an upstream that reads
+    the first or the last value. Parameters are compared as sent
+    (percent-encoded), and empty ones (`a&&b`) are dropped.
     """
     pairs = [pair for pair in query.split(b"&") if pair]
     if keep is not None:
         pairs = [pair for pair in pairs if pair.partition(b"=")[0].decode("latin-1") in keep]
-    pairs.sort()
+    pairs.sort(key=_parameter_name)
     return b"&".join(pairs)
+
+
+def _parameter_name(pair: bytes) -> bytes:
+    return pair.partition(b"=")[0]
 
 
 def parse_key(key: bytes) -> tuple[str, bytes, str, str] | None:

@@ -298,7 +298,7 @@ class CacheLayer:
             await self._forward_uncached(ctx, pool, send)
             return
         if not stale or directives.no_cache or not ctx.policy.coalesce:
-            # The request itself asks for validation: it is not shared.
+            # The request's own directives require validation, which is not shared.
             await self._validate(ctx, pool, send, reason, remaining)
             return
         await self._validate_coalesced(ctx, pool, send, reason, remaining)
@@ -318,14 +318,20 @@ class CacheLayer:
         await self._validate(ctx, pool, send, reason, remaining)
 
     async def _serve_coalesced(self, ctx: _Context, send) -> bool:
-        """Serve the entry another request just stored or refreshed, if it is fresh now; return whether it was served."""
+        """Serve the entry another request just stored or refreshed; return whether it was served.
+
+        It is served when fresh, or when its response arrived after this
+        request did. Such a response is as current as one this request would
+        have fetched itself, even if a slow upstream made it stale on arrival.
+        """
         ctx.detail = []
         entry = self._lookup(ctx)
         if entry is None or ctx.stored is None:
             return False
         meta = ctx.stored
         left = meta.lifetime - meta.age(time.time())
-        if left <= 0 or meta.flags & policy.MUST_VALIDATE or self._soft_purged(entry, meta):
+        answered_meanwhile = meta.response_time >= ctx.request_time
+        if (left <= 0 and not answered_meanwhile) or meta.flags & policy.MUST_VALIDATE or self._soft_purged(entry, meta):
             return False
         self.count(ctx, "coalesced")
         await self._send_stored(ctx, meta, ctx.body, send, cache_status(b"hit", left, b"collapsed"))
@@ -373,7 +379,7 @@ class CacheLayer:
         fill = self.coalescer.try_lead(ctx.key)
         if fill is not None:
             try:
-                await self._fetch(ctx, pool, send)
+                await self._fetch(ctx, pool, send, fill)
             finally:
                 fill.finish()
             return
@@ -385,9 +391,9 @@ class CacheLayer:
         ctx.detail = [b"fwd=miss"]
         await self._fetch(ctx, pool, send)
 
-    async def _fetch(self, ctx: _Context, pool, send) -> None:
+    async def _fetch(self, ctx: _Context, pool, send, fill: Fill | None = None) -> None:
         """Forward the request without conditions and store the response if it may be stored."""
-        capture = ResponseCapture(self, ctx, send, ctx.detail[0] if ctx.detail else b"fwd=miss")
+        capture = ResponseCapture(self, ctx, send, ctx.detail[0] if ctx.detail else b"fwd=miss", fill=fill)
         request = replace_headers(ctx.request, without_conditions(ctx.request.headers), capture.build_headers)
         await forward(pool, request, capture.send)
 
@@ -534,6 +540,17 @@ class CacheLayer:
         if self.retention(ctx.policy, meta) <= 0:
             return None, b"detail=stale-on-arrival"
         return meta, b"stored"
+
+    def body_limit(self, ctx: _Context, upstream_headers: list[tuple[str, str]]) -> int:
+        """Return the largest body of this response that L1 can store.
+
+        The route's `max_object`, and the store's limit on key, metadata and
+        body together, less the key and a generous estimate of the metadata
+        (the header fields and about 512 bytes of fixed fields and Vary key).
+        """
+        meta_estimate = 512 + sum(len(name) + len(value) + 16 for name, value in upstream_headers)
+        room = self.store.max_object_bytes - 2 * len(ctx.primary) - meta_estimate
+        return max(0, min(ctx.policy.max_object, room))
 
     def retention(self, route_policy: RoutePolicy, meta: StoredResponse) -> float:
         """Return how long to keep an entry from now, in seconds: fresh time plus the stale windows."""

@@ -73,14 +73,22 @@ def _split_quoted(value: str) -> list[str]:
     return items
 
 
+# Section 1.2.2: a delta-seconds value too large to represent counts as 2^31.
+DELTA_SECONDS_MAX = 2**31
+
+
 def delta_seconds(directives: Directives, name: str) -> int | None:
     """Return a directive's delta-seconds argument, or None when absent or invalid (section 1.2.2)."""
     if name not in directives:
         return None
     argument = directives[name]
-    if argument is None or not argument.isdigit():
+    if argument is None or not argument.isascii() or not argument.isdigit():
         return None
-    return int(argument)
+    digits = argument.lstrip("0") or "0"
+    # More than 10 digits is above 2^31 (2147483648 has 10); no need to convert them.
+    if len(digits) > 10:
+        return DELTA_SECONDS_MAX
+    return min(int(digits), DELTA_SECONDS_MAX)
 
 
 def parse_http_date(value: str | None) -> float | None:
@@ -230,7 +238,9 @@ def _explicit_lifetime(response: Directives, date: float | None, expires: str | 
 
 def initial_age(age_header: str | None, date: float | None, request_time: float, response_time: float) -> float:
     """Return corrected_initial_age of section 4.2.3, in seconds."""
-    age_value = int(age_header) if age_header and age_header.strip().isdigit() else 0
+    age_value = 0
+    if age_header:
+        age_value = delta_seconds({"age": age_header.strip()}, "age") or 0
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = response_time - request_time
     return max(apparent_age, age_value + response_delay)

@@ -37,7 +37,7 @@ def cache_status(result: bytes, ttl: float | None = None, *params: bytes) -> byt
     if ttl is not None:
         # Whole seconds, rounded down, so a response stale by 0.3 s shows ttl=-1.
         parts.append(b"ttl=%d" % math.floor(ttl))
-    parts.extend(params)
+    parts.extend(param for param in params if param)
     return b"; ".join(parts)
 
 

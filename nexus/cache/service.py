@@ -235,7 +235,7 @@ class CacheService:
         """Return the client that writes to the stream, creating it if needed.
 
         One client is kept across purges (its pool is thread-safe), so a
-        purge costs no connection set-up; `_drop_publisher` after a failure
+        purge costs no connection set-up. After a failure, `_drop_publisher`
         makes the next call create a fresh one.
         """
         assert self._redis_config is not None
@@ -346,14 +346,27 @@ class CacheService:
                 self._clear("the purge stream is gone (Redis restarted without its data?)")
                 self.last_id = "0-0"
             return
-        # MAXLEN trimming removed entries (entries-added > length), and the
-        # oldest one left is newer than the last one applied: what lay
-        # between may be lost. When the trimmed entries all came before the
-        # last one applied this clears needlessly, which costs only hits.
+        applied = _stream_id(self.last_id)
+        last_generated = _decode(info.get("last-generated-id") or "0-0")
+        if self.last_id != "0-0" and _stream_id(last_generated) < applied:
+            # Ids only grow, so this is another stream: Redis came back from
+            # an older copy of its data. Everything may have been missed.
+            self._clear(f"the purge stream ends at {last_generated}, before the last purge applied ({self.last_id})")
+            self.last_id = last_generated
+            return
+        # The oldest entry left is newer than the last one applied: MAXLEN
+        # trimming removed what lay between, or the stream was created again
+        # (Redis restarted without its data, and a purge or a write's
+        # invalidation re-created it). Either way purges may be lost. When
+        # the trimmed entries all came before the last one applied this
+        # clears needlessly, which costs only hits.
+        # A node that has applied nothing yet ("0-0") reads a new stream
+        # from its start, so only trimming can have hidden purges from it.
         first = _decode(info.get("recorded-first-entry-id") or "0-0")
         trimmed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
-        if trimmed and _stream_id(first) > _stream_id(self.last_id):
-            self._clear(f"purges after {self.last_id} were trimmed from the stream (oldest left: {first})")
+        if int(info.get("length") or 0) > 0 and _stream_id(first) > applied and (trimmed or self.last_id != "0-0"):
+            cause = "were trimmed from the stream" if trimmed else "may be lost: the stream was created again"
+            self._clear(f"purges after {self.last_id} {cause} (oldest left: {first})")
 
     def _read_once(self, client) -> None:
         reply = client.xread({self._stream: self.last_id}, count=256, block=_BLOCK_MS)

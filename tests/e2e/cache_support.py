@@ -24,6 +24,12 @@ from pathlib import Path
 import pytest
 
 
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog of 5 drops connections when tests send tens
+    # at once, and the gateway then sees connect timeouts.
+    request_queue_size = 128
+
+
 @dataclass
 class Reply:
     status: int = 200
@@ -86,7 +92,7 @@ class CacheUpstream:
                 self.log_request(code)
                 self.send_response_only(code, message)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -167,6 +173,12 @@ class TcpRelay:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone
+            # would leave the port bound until a connection arrives.
+            try:
+                listener.shutdown(self._socket_module.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         for connection in self._connections:
             try:

@@ -106,6 +106,55 @@ def test_stale_entry_revalidated_once(origin, gateway_factory, socket_dir):
     assert "if-none-match" in origin.last("/stale").headers
 
 
+def _concurrent_gets(url: str, path: str, count: int) -> list[tuple[int, bytes]]:
+    """Send `count` GETs for `path` at once on new connections; return (status, Cache-Status) of each."""
+    host, port = host_port(url)
+
+    async def one() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        head = data.partition(b"\r\n\r\n")[0].lower()
+        status_line = head.split(b"\r\n")[0]
+        cache_status = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.startswith(b"cache-status:")), b"")
+        return int(status_line.split(b" ")[1]), cache_status
+
+    async def all_at_once() -> list[tuple[int, bytes]]:
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+    return asyncio.run(all_at_once())
+
+
+def test_stale_on_arrival_still_collapses(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock"), workers=2)
+    # The upstream takes longer than the freshness lifetime, so every
+    # response is stale when it arrives; waiters must use it anyway.
+    origin.respond("/slow-short", headers=[("Cache-Control", "max-age=1")], body=b"s", delay=1.2)
+    replies = _concurrent_gets(gateway.url, "/slow-short", 20)
+    assert [status for status, _ in replies] == [200] * 20
+    assert origin.count("/slow-short") == 1
+
+
+def test_too_large_response_not_claimed_stored(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock", cache="{max_object: 1KiB}"), workers=2)
+    origin.respond("/big", headers=[("Cache-Control", "max-age=60")], body=b"x" * 5000, delay=0.3)
+    replies = _concurrent_gets(gateway.url, "/big", 10)
+    assert [status for status, _ in replies] == [200] * 10
+    assert all(b"stored" not in status for _, status in replies)
+    assert any(b"detail=too-large" in status for _, status in replies)
+    assert "stored" not in _status(_get(gateway.url, "/big"))
+    assert origin.count("/big") == 11
+
+
+def test_overflowing_max_age_is_capped(origin, gateway_factory, socket_dir):
+    gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock"))
+    origin.respond("/forever", headers=[("Cache-Control", "max-age=99999999999999999999999")], body=b"f")
+    assert "stored" in _status(_get(gateway.url, "/forever"))
+    assert "hit" in _status(_get(gateway.url, "/forever"))
+    assert "Traceback" not in gateway.log()
+
+
 def test_coalesce_timeout_then_upstream(origin, gateway_factory, socket_dir):
     gateway = gateway_factory(_config(origin.url, socket_dir / "a.sock", cache="{coalesce_timeout: 100ms}"))
     origin.respond("/slow", headers=[("Cache-Control", "max-age=60")], delay=1.0)
@@ -445,6 +494,30 @@ def test_node_away_past_stream_length_clears(origin, gateway_factory, socket_dir
     admin = AdminClient(str(sock_a))
     for i in range(400):
         admin.call("POST", "/cache/purge", body={"url": f"/other/{i}"})
+    relay.restore()
+    wait_for(lambda: "cleared the cache of this node" in b_gateway.log(), 15, message="node b clearing its cache")
+    assert "hit" not in _status(_get(b, "/kept", only_if_cached=True))
+
+
+def test_recreated_stream_clears(origin, gateway_factory, socket_dir, redis_server_factory):
+    server = redis_server_factory()
+    relay = TcpRelay(server.port)
+    sock_a = socket_dir / "a.sock"
+    gateway_factory(_config(origin.url, sock_a, server.url, node="a"))
+    b_gateway = gateway_factory(_config(origin.url, socket_dir / "b.sock", f"redis://127.0.0.1:{relay.port}/0", node="b"))
+    b = b_gateway.url
+    origin.respond("/kept", headers=[("Cache-Control", "max-age=600")])
+    wait_for(lambda: "cache purge stream connected" in b_gateway.log(), 5, message="node b reading the stream")
+    admin = AdminClient(str(sock_a))
+    admin.call("POST", "/cache/purge", body={"url": "/first"})
+    wait_for(lambda: AdminClient(str(socket_dir / "b.sock")).call("GET", "/cache/stats")["stream_purges_applied"] == 1, 5)
+    _get(b, "/kept")
+
+    # While node b is away, the stream is lost (as when Redis restarts
+    # without its data) and a new purge creates it again.
+    relay.cut()
+    server.client().delete(b"cachetest:cache:purges")
+    admin.call("POST", "/cache/purge", body={"url": "/second"})
     relay.restore()
     wait_for(lambda: "cleared the cache of this node" in b_gateway.log(), 15, message="node b clearing its cache")
     assert "hit" not in _status(_get(b, "/kept", only_if_cached=True))
