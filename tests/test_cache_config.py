@@ -30,7 +30,8 @@ def test_defaults():
 @pytest.mark.parametrize(
     ("cache", "extra", "message"),
     [
-        ("{key: {headers: [authorization]}}", "", "routes[0].cache.key.headers[0]: "),
+        ("{key: {headers: [authorization]}}", "", 'routes[0].cache.key.headers[0]: "authorization" cannot be part of a cache key'),
+        ("{key: {headers: [connection]}}", "", 'routes[0].cache.key.headers[0]: "connection" is a hop-by-hop field'),
         ("{key: {query: ['a=b']}}", "", "routes[0].cache.key.query[0]: invalid parameter name"),
         ("{statuses: [99]}", "", "routes[0].cache.statuses[0]: invalid status 99"),
         ("{default_ttl: 2m, max_ttl: 1m}", "", "routes[0].cache.default_ttl: 120s is longer than max_ttl"),

@@ -11,7 +11,11 @@ __all__ = ["check_cache"]
 
 # Request fields that a cache key must not name: they are per hop, or they
 # would make every request its own key while leaking credentials into keys.
-_KEY_HEADERS_REJECTED = frozenset({"authorization", "cookie", "proxy-authorization", "connection", "te", "upgrade"})
+# Credentials: keying on them would make one entry per user, and the
+# consumer is the better key for that.
+_KEY_HEADERS_CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
+# Hop-by-hop fields describe the connection, not the request.
+_KEY_HEADERS_HOP_BY_HOP = frozenset({"connection", "te", "upgrade"})
 
 
 def check_cache(config: Config, check_header_name: Callable[[str, str], None]) -> None:
@@ -33,7 +37,12 @@ def check_cache(config: Config, check_header_name: Callable[[str, str], None]) -
 def _check_route_cache(where: str, cache: RouteCache, store_max_object: int, check_header_name) -> None:
     for i, name in enumerate(cache.key.headers):
         check_header_name(f"{where}.key.headers[{i}]", name)
-        if name.lower() in _KEY_HEADERS_REJECTED:
+        if name.lower() in _KEY_HEADERS_HOP_BY_HOP:
+            raise ConfigError(
+                f"{where}.key.headers[{i}]: {show_value(name)} is a hop-by-hop field, which describes the "
+                "connection rather than the request: remove it from key.headers"
+            )
+        if name.lower() in _KEY_HEADERS_CREDENTIALS:
             raise ConfigError(
                 f"{where}.key.headers[{i}]: {show_value(name)} cannot be part of a cache key: "
                 "use key.consumer: true to key by API key holder"

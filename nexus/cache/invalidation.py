@@ -59,7 +59,11 @@ def parse_purge_url(url: str) -> PurgeTarget:
     if url.startswith("/"):
         path, _, query = url.partition("?")
         return PurgeTarget(path, query.encode("latin-1"), None)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        # urlsplit rejects a broken bracketed IPv6 host, for one.
+        raise ValueError(f"invalid purge URL {url!r}: {exc}; expected http://host/path or a path starting with /") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"invalid purge URL {url!r}: expected http://host/path or a path starting with /")
     return PurgeTarget(parts.path or "/", parts.query.encode("latin-1"), parts.netloc.lower())

@@ -127,6 +127,10 @@ class _Context:
     result: str | None = None
 
 
+# Cache-Status of a response to a method the cache does not serve (RFC 9211 section 2.2.1).
+_FWD_METHOD = cache_status(b"fwd=method")
+
+
 class CacheLayer:
     """The cache of one worker's gateway."""
 
@@ -470,13 +474,15 @@ class CacheLayer:
         """Forward a method the cache does not serve; invalidate after a non-error unsafe response (section 4.4)."""
         if request.method in _SAFE_METHODS:
             self.metrics.cache(route_policy.route, "bypass")
-            await forward(pool, request, send)
+            await forward(pool, replace_headers(request, request.headers, adding_status(request.response_headers, _FWD_METHOD)), send)
             return
         seen: dict[str, Any] = {}
 
         def build(upstream_headers):
             seen["headers"] = upstream_headers
-            return request.response_headers(upstream_headers)
+            headers = request.response_headers(upstream_headers)
+            headers.append((b"cache-status", _FWD_METHOD))
+            return headers
 
         async def watch(message):
             # Invalidate before the response leaves, so the downstream's next request cannot see the old entry.

@@ -428,7 +428,7 @@ def _purge_explanation(config: Config, kind: str, value: str, purged: int) -> di
             "route": None,
             "notes": [
                 "a tag purge has no count: it records the purge time for the tag, and each entry with the tag "
-                "is dropped when it is next requested"
+                "is treated as purged (dropped, or stale for a soft purge) when it is next requested"
             ],
         }
     target = parse_purge_url(value)
@@ -436,6 +436,9 @@ def _purge_explanation(config: Config, kind: str, value: str, purged: int) -> di
     # needs a method or header condition is not found here.
     route = RouteTable(config.routes).match(target.host, target.path, "GET", {})
     notes = []
+    if purged > 0:
+        # Entries were found, so route matching has nothing to explain.
+        return {"route": route.name if route is not None else None, "notes": notes}
     if route is None and target.host is None:
         notes.append(
             f"no route without match.host matches GET {target.path}, so nothing is cached under it; "
@@ -446,7 +449,7 @@ def _purge_explanation(config: Config, kind: str, value: str, purged: int) -> di
     elif route.cache is None or not route.cache.enabled:
         reason = "has no cache section" if route.cache is None else "has cache.enabled: false"
         notes.append(f"route {route.name} matches {target.path} but {reason}, so it caches nothing")
-    elif purged == 0:
+    else:
         notes.append(_nothing_matched(kind, target))
     return {"route": route.name if route is not None else None, "notes": notes}
 

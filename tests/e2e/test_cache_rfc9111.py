@@ -264,7 +264,9 @@ def test_unsafe_method_invalidates(origin, cached):
     send(url, "/u")
     send(url, "/u2")
     origin.respond("/u", status=200, headers=[("Location", "/u2")], body=b"posted")
-    assert send(url, "/u", method="POST", body=b"x").status == 200
+    posted = send(url, "/u", method="POST", body=b"x")
+    assert posted.status == 200
+    assert posted.header("cache-status") == "Nexus; fwd=method"
     origin.respond("/u", headers=[("Cache-Control", "max-age=60")])
     assert "uri-miss" in _status(send(url, "/u"))
     assert "uri-miss" in _status(send(url, "/u2"))
