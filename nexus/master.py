@@ -236,6 +236,7 @@ class Master(UpgradeSteps):
         layout = build_layout(self.config)
         shared = SharedState.create_for(self.config, layout)
         log.info("shared memory created %s", " ".join(f"{name}={size}" for name, size in shared.sizes().items()))
+        _warn_memory(sum(shared.sizes().values()))
         generation = self._new_generation(self.config, self._config_hash, shared, layout, listeners, 1, 0)
         self._activate(generation)
         self._start_services(fresh=True)
@@ -864,6 +865,25 @@ class Master(UpgradeSteps):
 
     def _status_line(self) -> str:
         return f"serving: generation {self.generation}, {len(self._active.slots) if self._active else 0} workers"
+
+
+def _warn_memory(shared_bytes: int) -> None:
+    """Warn when the shared-memory tables could outgrow the machine's memory.
+
+    The segments are sparse, so a size far above the memory starts fine and
+    fails only as the cache fills; the warning names the setting to lower.
+    """
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if shared_bytes > physical:
+        log.warning(
+            "shared memory of %d bytes is larger than this machine's %d bytes of memory: lower "
+            "shared_memory.cache_size, or the workers will be killed when the cache fills",
+            shared_bytes,
+            physical,
+        )
 
 
 def _file_hash(path: str | None) -> str:
