@@ -871,7 +871,7 @@ def _warn_memory(shared_bytes: int) -> None:
     """Warn when the shared-memory tables could outgrow the machine's memory.
 
     The segments are sparse, so a size far above the memory starts fine and
-    fails only as the cache fills; the warning names the setting to lower.
+    fails only as the cache fills. The warning names the setting to lower.
     """
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
