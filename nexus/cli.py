@@ -152,6 +152,7 @@ from nexus.observability.cli import access_log, top  # noqa: E402 - after nexusc
 
 nexusctl.add_command(top)
 nexusctl.add_command(access_log)
-from nexus.cache.cli import purge  # noqa: E402 - after nexusctl exists
+from nexus.cache.cli import cache_stats, purge  # noqa: E402 - after nexusctl exists
 
 nexusctl.add_command(purge)
+nexusctl.add_command(cache_stats)

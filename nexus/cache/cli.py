@@ -1,4 +1,4 @@
-"""`nexusctl purge`: remove responses from the cache of every node through the admin API."""
+"""`nexusctl purge` and `nexusctl cache-stats`: the response cache through the admin API."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from nexus.admin.cli_support import Output, admin_command
 from nexus.admin.client import AdminClient
 from nexus.cache.invalidation import check_purge_value
 
-__all__ = ["purge"]
+__all__ = ["cache_stats", "purge"]
 
 
 @click.command()
@@ -62,3 +62,10 @@ def purge_text(result: dict[str, Any]) -> str:
         lines.append(f"route: {route}" if route is not None else "route: none matched")
     lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
+
+
+@click.command("cache-stats")
+@admin_command
+def cache_stats(client: AdminClient, output: Output) -> None:
+    """Show this node's cache store: entries, bytes, evictions, refusals, and the purge stream's progress."""
+    output.show(client.call("GET", "/cache/stats"))

@@ -314,6 +314,15 @@ def test_nexusctl_purge(origin, gateway_factory, socket_dir):
     assert '"purged_local": 1' in result.stdout
     assert "uri-miss" in _status(send(url, "/c"))
 
+    stats = subprocess.run(
+        [sys.executable, "-c", "from nexus.cli import nexusctl; nexusctl()", "cache-stats", "--socket", str(sock), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["entries"] == 1
+
 
 def test_l2_warms_second_node(origin, gateway_factory, socket_dir, redis_server_factory):
     server = redis_server_factory()
