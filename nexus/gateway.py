@@ -73,6 +73,7 @@ class Gateway:
         self.cache = CacheLayer.for_gateway(config, shared.cache, self.metrics, shared.rings[worker_id])
         self.trusted = TrustedProxies(config.trusted_proxies)
         self.request_id_header = config.request_id_header.lower()
+        self.request_id_header_bytes = self.request_id_header.encode("latin-1")
         self.draining = False
         self.requests_done = 0
         self._route_needs_headers = any(route.match.headers for route in config.routes)
@@ -332,7 +333,13 @@ class _Exchange:
     def response_headers_builder(self, gateway: Gateway, request_id: str, extra: list[tuple[bytes, bytes]]):
         def build(upstream_headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
             self.upstream_ns = time.monotonic_ns() - self.started_ns
-            headers = downstream_response_headers(upstream_headers, gateway.request_id_header, request_id)
+            if upstream_headers:
+                headers = downstream_response_headers(upstream_headers, gateway.request_id_header, request_id)
+            else:
+                # A stored response brings its own fields; only this hop's
+                # are added. The request id is valid by construction
+                # (nexus.headers), so it needs no check here.
+                headers = [(b"via", b"1.1 nexus"), (gateway.request_id_header_bytes, request_id.encode("latin-1"))]
             headers.extend(extra)
             if gateway.draining:
                 headers.append((b"connection", b"close"))
