@@ -109,6 +109,8 @@ class Master(UpgradeSteps):
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        # The table sizes this master created or attached; reloads cannot change them.
+        self._sizes_in_effect = config.shared_memory
         self.config_path = os.path.abspath(config_path) if config_path else None
         self.generation = 0
         self.state = MasterState.STARTING
@@ -798,8 +800,8 @@ class Master(UpgradeSteps):
             ) from None
 
     def _warn_fixed_sizes(self, config: Config) -> None:
-        if config.shared_memory != self.config.shared_memory:
-            log.warning("shared_memory sizes changed in the config: they apply at the next restart, not on reload")
+        if config.shared_memory != self._sizes_in_effect:
+            log.warning("shared_memory sizes differ from those in effect: they apply at the next restart, not on reload")
 
     # Drain and resume
 
