@@ -206,7 +206,14 @@ class InvalidationAnnouncer:
             pushed = False
         if not pushed:
             self.dropped += 1
-            log.warning("cache invalidation not announced to other nodes url=%.200s: the ring is full or the URL too long", url)
+            # Logged once per 1000 drops, because a full ring stays full for a while.
+            if self.dropped % 1000 == 1:
+                log.warning(
+                    "cache invalidation not announced to other nodes url=%.200s dropped=%d: the ring is full or "
+                    "the URL too long; other nodes keep the URL until it expires",
+                    url,
+                    self.dropped,
+                )
 
 
 def _same_origin(reference: str, host: str | None) -> PurgeTarget | None:

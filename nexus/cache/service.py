@@ -21,7 +21,7 @@ what it missed and clears its L1. L2 needs no catch-up: its tag purges are
 generations, its URL purges deletions.
 
 Workers announce the URLs they invalidated after unsafe methods through
-their rings (`nexus.cache.invalidation.InvalidationAnnouncer`); the ring
+their rings (`nexus.cache.invalidation.InvalidationAnnouncer`). The ring
 drain hands them to `on_invalidation`, and a thread appends them to the
 same stream in pipelined batches, so other nodes drop them from their L1.
 The workers have already deleted them from L2.

@@ -4,7 +4,7 @@ A worker never writes the access log itself, so no request waits on disk
 I/O. After each request it pushes one access record (8 words) into its
 ring (`nexus.shm.ring`), and, for a request id the client sent, one text
 record per 56 bytes of id. An id the gateway made is the trace id
-(`nexus.headers`), which the access record holds already, so the usual
+(`nexus.headers`), which the access record contains already, so the usual
 request costs one record. A full ring drops the records and counts the drop, so
 the worker never waits either. The master drains the rings every
 `DRAIN_INTERVAL` (`nexus.observability.service`), feeds every record to the

@@ -354,9 +354,10 @@ class NexusCollector:
         states = GaugeMetricFamily(
             "nexus_workers", "Worker slots of the running generations, by the state of their process.", labels=["state"]
         )
-        table = self.shared.workers
+
         # The other bank of slots keeps the exited workers of the last
-        # generation until the next reload; they are history, not workers.
+        # generation until the next reload. They are past workers, so not counted.
+        table = self.shared.workers
         slots = counters.get("worker_slots", range(table.slots))
         counts = dict.fromkeys(WorkerState, 0)
         for slot in slots:

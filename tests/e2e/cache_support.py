@@ -26,7 +26,7 @@ import pytest
 
 class _Server(ThreadingHTTPServer):
     # The default listen backlog of 5 drops connections when tests send tens
-    # at once, and the gateway then sees connect timeouts.
+    # at once, and the gateway then gets connect timeouts.
     request_queue_size = 128
 
 

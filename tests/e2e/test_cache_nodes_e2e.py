@@ -84,7 +84,7 @@ def test_stale_entry_revalidated_once(origin, gateway_factory, socket_dir):
     origin.respond("/stale", headers=[("Cache-Control", "max-age=1"), ("ETag", '"v1"')], body=b"x" * 1000)
     assert _get(gateway.url, "/stale").status == 200
     time.sleep(1.2)
-    # The origin now takes 300 ms to answer: without coalescing, every
+    # The origin now takes 300 ms to respond: without coalescing, every
     # request below would send its own conditional request meanwhile.
     origin.respond("/stale", headers=[("Cache-Control", "max-age=60"), ("ETag", '"v1"')], body=b"x" * 1000, delay=0.3)
     host, port = host_port(gateway.url)
@@ -356,7 +356,7 @@ def test_l2_copy_follows_freshness_and_request_rules(origin, gateway_factory, so
     assert origin.count("/short") == 2
     assert "if-none-match" in origin.last("/short").headers
 
-    # Fresh in L2, but the request asks for validation.
+    # Fresh in L2, but the request requires validation.
     reply = send(b, "/long", headers=[("Host", "api.example"), ("Cache-Control", "no-cache")])
     assert reply.body == b"long"
     assert "hit" not in _status(reply)
