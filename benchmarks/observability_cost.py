@@ -10,9 +10,16 @@ so that drift on the machine hits both alike:
   the access log written to a file for every request (`sample: 100%`), and
   usage aggregated by the master.
 
-It prints requests/s per run, the medians and the ratio of `on` to `off`.
-The target is a ratio of at least 0.95 (at most 5% lower). It needs nginx,
+It prints requests/s per run, the medians and the ratio of `on` to `off`,
+and the CPU time per request of the worker and of the master (all its
+threads) in each configuration, read from /proc around each run. The
+target is a ratio of at least 0.95 (at most 5% lower). It needs nginx,
 wrk and taskset, like proxy_vs_nginx.py, whose process helpers it uses.
+
+The masters are not pinned, as in a deployment, so the scheduler may run
+the master's drain thread on the worker's CPU. `--master-cpu 1` pins both
+masters to CPU 1 (beside wrk and the upstream) to measure the worker's
+share alone.
 
     .venv/bin/python benchmarks/observability_cost.py --runs 3 --duration 10
 """
@@ -24,6 +31,7 @@ import datetime
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,8 +44,10 @@ from proxy_vs_nginx import (  # noqa: E402
     BenchmarkError,
     Services,
     check_tools,
+    cpu_seconds,
     free_port,
     machine_facts,
+    nexus_worker_pids,
     run_wrk,
     start_nexus,
     start_nginx,
@@ -93,10 +103,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration (default 3)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--master-cpu", type=int, help="pin both masters, all threads, to this CPU (default: not pinned)")
     args = parser.parse_args()
 
     check_tools()
     results: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    # Microseconds of CPU per request, per run: (worker, master).
+    cpu: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory(prefix="nexus-obs-") as name, Services(Path(name)) as services:
         workdir = Path(name)
         upstream_port = free_port()
@@ -105,6 +118,9 @@ def main() -> int:
             kind: start_nexus(services, upstream_port, 1, config_text(kind, upstream_port, workdir), name=f"nexus-{kind}")
             for kind in KINDS
         }
+        if args.master_cpu is not None:
+            for gateway in gateways.values():
+                subprocess.run(["taskset", "-a", "-p", "-c", str(args.master_cpu), str(gateway.process.pid)], check=True, capture_output=True)
         metrics = re.search(r"metrics listening address=(\S+)", gateways["on"].log())
         if metrics is None:
             raise BenchmarkError(f"the `on` gateway logged no metrics address:\n{gateways['on'].log()}")
@@ -113,14 +129,18 @@ def main() -> int:
                 run_wrk(gateways[kind].url, args.connections, 2.0)  # warm-up
             for run in range(args.runs):
                 for kind in KINDS:
+                    processes = (nexus_worker_pids(gateways[kind]), [gateways[kind].process.pid])
+                    before = [cpu_seconds(pids) for pids in processes]
                     result = run_wrk(gateways[kind].url, args.connections, args.duration)
+                    used = [cpu_seconds(pids) - start for pids, start in zip(processes, before)]
+                    cpu[kind].append(tuple(seconds / max(result.requests, 1) * 1e6 for seconds in used))
                     if result.errors:
                         raise BenchmarkError(f"{kind}: {result.errors} failed requests in run {run + 1}:\n{result.output}")
                     results[kind].append(result.requests_per_second)
                     print(f"run {run + 1} {kind:3s} {result.requests_per_second:10.0f} req/s", flush=True)
         lines = sum(1 for _ in (workdir / "access.log").open())
         dropped = re.search(r"^nexus_ring_dropped_records_total (\S+)$", _scrape(metrics.group(1)), re.MULTILINE)
-    print(_report(results, args, lines, scraper.scrapes, str(int(float(dropped.group(1)))) if dropped else "?"))
+    print(_report(results, cpu, args, lines, scraper.scrapes, str(int(float(dropped.group(1)))) if dropped else "?"))
     return 0
 
 
@@ -129,22 +149,35 @@ def _scrape(address: str) -> str:
         return response.read().decode()
 
 
-def _report(results: dict[str, list[float]], args: argparse.Namespace, lines: int, scrapes: int, dropped: str) -> str:
+def _report(
+    results: dict[str, list[float]],
+    cpu: dict[str, list[tuple[float, float]]],
+    args: argparse.Namespace,
+    lines: int,
+    scrapes: int,
+    dropped: str,
+) -> str:
     facts = machine_facts()
     baseline = statistics.median(results["off"])
     ratio = statistics.median(results["on"]) / baseline
     rows = [
         f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. CPU: {facts['CPU']}, "
         f"{facts['cores']} cores; Nexus {facts['Nexus commit']}.",
-        f"Command: `.venv/bin/python benchmarks/observability_cost.py --runs {args.runs} --duration {args.duration:g}`",
+        f"Command: `.venv/bin/python benchmarks/observability_cost.py --runs {args.runs} --duration {args.duration:g}"
+        + (f" --master-cpu {args.master_cpu}`" if args.master_cpu is not None else "`"),
         "",
-        "| metrics and access log | median req/s | runs | ratio to off | target |",
-        "|---|---:|---:|---:|---|",
+        "| metrics and access log | median req/s | runs | ratio to off | target | worker CPU us/request | master CPU us/request |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for kind, values in results.items():
         runs = ", ".join(f"{value:.0f}" for value in values)
         target = "-" if kind == "off" else ("met" if ratio >= TARGET_RATIO else "not met")
-        rows.append(f"| {kind} | {statistics.median(values):,.0f} | {runs} | {statistics.median(values) / baseline:.2f} | {target} |")
+        worker_us = statistics.median(row[0] for row in cpu[kind])
+        master_us = statistics.median(row[1] for row in cpu[kind])
+        rows.append(
+            f"| {kind} | {statistics.median(values):,.0f} | {runs} | {statistics.median(values) / baseline:.2f} | {target} "
+            f"| {worker_us:.1f} | {master_us:.1f} |"
+        )
     rows.append("")
     rows.append(f"The `on` gateway wrote {lines:,} access log lines, was scraped {scrapes} times, and dropped {dropped} records.")
     return "\n".join(rows)

@@ -107,6 +107,17 @@ def test_request_id_that_is_the_trace_id_takes_one_record(rings):
     assert entry["request_id"] == entry["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
 
 
+def test_ids_past_the_config_decode_as_numbers(rings):
+    # A record pushed under a larger config (route 9, consumer 5, target 77)
+    # and with ids no table names (method 200, cache and rate-limit 15).
+    head = 1 | 200 << 16 | 9 << 32 | 15 << 48 | 15 << 52 | 200 << 56
+    row = (head, 1_764_894_072_345_678_000, 5 | 77 << 32, 10, 1000, 0, 0, 0)
+    [entry] = decode([row], 0, Names(CONFIG))
+    assert (entry["route"], entry["consumer"], entry["target"]) == ("#9", "#5", "#77")
+    assert (entry["method"], entry["cache"], entry["rate_limit"]) == ("#200", "#15", "#15")
+    assert entry["status"] == 200 and entry["upstream_s"] is None and entry["request_id"] is None
+
+
 def test_full_ring_drops_and_counts_without_blocking(rings):
     names = Names(CONFIG)
     recorder = AccessRecorder(rings[0], names)

@@ -45,7 +45,8 @@ import random
 import struct
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import cached_property
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -102,6 +103,11 @@ class Names:
         self.consumer_ids = {name: index for index, name in enumerate(self.consumers) if name}
         self.target_ids = {url: index for index, url in enumerate(urls) if url}
 
+    @cached_property
+    def tables(self) -> _Tables:
+        """The tables the master's drain decodes with (workers never build them)."""
+        return _Tables(self)
+
 
 # Four bits each in the access record.
 assert len(CACHE_RESULTS) <= 16 and len(LIMIT_RESULTS) <= 16
@@ -114,7 +120,7 @@ class AccessRecorder:
     """A worker's producer: packs one finished request into its ring. Never blocks."""
 
     def __init__(self, ring: Ring, names: Names) -> None:
-        self._push = ring.push
+        self._push = ring.pusher()
         self._names = names
 
     def record(
@@ -140,7 +146,6 @@ class AccessRecorder:
         trace id in its place.
         """
         names = self._names
-        text = request_id.encode("ascii", "replace") if request_id and not request_id_is_trace else b""
         head = (
             ACCESS_KIND
             | (status & 0xFFFF) << 16
@@ -154,9 +159,13 @@ class AccessRecorder:
         ) << 32
         upstream_us = 0 if upstream_ns is None else min(upstream_ns // 1000 + 1, _MASK32)
         durations = min(duration_ns // 1000, _MASK32) | upstream_us << 32
-        flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
-        words = (started_ns, parties, bytes_sent, durations, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, flags)
-        return push_with_text(self._push, head, words, text)
+        trace_high, trace_low = trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF
+        if request_id_is_trace or not request_id:
+            # The usual request: one record, no text after it.
+            flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
+            return self._push(head, started_ns, parties, bytes_sent, durations, trace_high, trace_low, flags)
+        words = (started_ns, parties, bytes_sent, durations, trace_high, trace_low, 0)
+        return push_with_text(self._push, head, words, request_id.encode("ascii", "replace"))
 
 
 def push_with_text(push, head: int, words: tuple[int, ...], text: bytes) -> bool:
@@ -221,66 +230,93 @@ def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=No
     registered, and are skipped otherwise.
     """
     records: list[AccessRecord] = []
+    tables = names.tables
     pending: list | None = None  # [head row, parts still expected, text bytes]
 
-    def finish(done: list) -> None:
-        row, _, text = done
+    def finish(row: tuple[int, ...], text: bytes) -> None:
         kind = row[0] & 0xFF
         if kind == ACCESS_KIND:
-            records.append(_finish(done, names, worker))
+            records.append(_access(row, text, tables, worker))
         elif others is not None and kind in others:
             others[kind](worker, row, text)
 
     for row in rows:
-        kind = row[0] & 0xFF
+        head = row[0]
+        kind = head & 0xFF
         if kind == TEXT_KIND:
             if pending is not None and pending[1] > 0:
-                length = min((row[0] >> 8) & 0xFFFF, _TEXT_BYTES)
+                length = min((head >> 8) & 0xFFFF, _TEXT_BYTES)
                 pending[2] += _TEXT_WORDS.pack(*row[1:8])[:length]
                 pending[1] -= 1
                 if pending[1] == 0:
-                    finish(pending)
+                    finish(pending[0], pending[2])
                     pending = None
             continue
         if pending is not None:
-            finish(pending)
-        pending = [row, (row[0] >> 8) & 0xFF, b""]
-        if pending[1] == 0:
-            finish(pending)
+            finish(pending[0], pending[2])
             pending = None
+        parts = (head >> 8) & 0xFF
+        if parts:
+            pending = [row, parts, b""]
+        elif kind == ACCESS_KIND:
+            # The usual record, with no text after it.
+            records.append(_access(row, b"", tables, worker))
+        else:
+            finish(row, b"")
     if pending is not None:
-        finish(pending)
+        finish(pending[0], pending[2])
     return records
 
 
-def _name(table: list[str] | tuple[str, ...], index: int) -> str | None:
-    """Return the name of id `index`, None for id 0, or "#index" for an id the config does not have."""
-    if index < len(table):
-        return table[index] or None
-    return f"#{index}"
+class _Tables:
+    """The name of every id a record can hold, for the drain; id 0 is None ("none").
+
+    The result and method tables list every id their bits can hold, so
+    they need no bounds check. Route, consumer and target tables stop at
+    the config's names; a record can only carry an id past them after a
+    bug, and `_name` turns it into "#id".
+    """
+
+    def __init__(self, names: Names) -> None:
+        self.methods = _padded(METHODS, 1 << 8)
+        self.methods[0] = METHODS[0]
+        self.caches = _padded(CACHE_RESULTS, 1 << 4)
+        self.limits = _padded(LIMIT_RESULTS, 1 << 4)
+        self.routes = _padded(names.routes, len(names.routes))
+        self.consumers = _padded(names.consumers, len(names.consumers))
+        self.targets = _padded(names.targets, len(names.targets))
 
 
-def _finish(pending: list, names: Names, worker: int) -> AccessRecord:
-    row, _, text = pending
-    head = row[0]
-    upstream_us = row[4] >> 32
-    trace = row[5] << 64 | row[6]
-    trace_id = f"{trace:032x}" if trace else None
+def _padded(table: Sequence[str], size: int) -> list[str | None]:
+    padded: list[str | None] = [name or None for name in table]
+    padded.extend(f"#{index}" for index in range(len(table), size))
+    return padded
+
+
+def _name(table: list[str | None], index: int) -> str | None:
+    """Return the name of id `index` in a table that may stop short of it."""
+    return table[index] if index < len(table) else f"#{index}"
+
+
+def _access(row: tuple[int, ...], text: bytes, tables: _Tables, worker: int) -> AccessRecord:
+    head, started_ns, parties, bytes_sent, durations, trace_high, trace_low, flags = row
+    upstream_us = durations >> 32
+    trace_id = f"{trace_high << 64 | trace_low:032x}" if trace_high or trace_low else None
     return {
-        "time": _TIMES.format(row[1]),
-        "request_id": trace_id if row[7] & _ID_IS_TRACE else (text.decode("ascii", "replace") or None),
+        "time": _TIMES.format(started_ns),
+        "request_id": trace_id if flags & _ID_IS_TRACE else (text.decode("ascii", "replace") or None),
         "trace_id": trace_id,
         "worker": worker,
-        "method": _name(METHODS, head >> 56),
-        "route": _name(names.routes, (head >> 32) & 0xFFFF),
-        "consumer": _name(names.consumers, row[2] & _MASK32),
-        "target": _name(names.targets, row[2] >> 32),
+        "method": tables.methods[head >> 56],
+        "route": _name(tables.routes, (head >> 32) & 0xFFFF),
+        "consumer": _name(tables.consumers, parties & _MASK32),
+        "target": _name(tables.targets, parties >> 32),
         "status": (head >> 16) & 0xFFFF,
-        "bytes": row[3],
-        "duration_s": (row[4] & _MASK32) / 1e6,
+        "bytes": bytes_sent,
+        "duration_s": (durations & _MASK32) / 1e6,
         "upstream_s": (upstream_us - 1) / 1e6 if upstream_us else None,
-        "cache": _name(CACHE_RESULTS, (head >> 48) & 0xF),
-        "rate_limit": _name(LIMIT_RESULTS, (head >> 52) & 0xF),
+        "cache": tables.caches[(head >> 48) & 0xF],
+        "rate_limit": tables.limits[(head >> 52) & 0xF],
     }
 
 

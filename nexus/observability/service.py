@@ -24,13 +24,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from nexus.config import Config, parse_listen_address
 from nexus.master_fds import close_in_children, keep_in_children
 from nexus.observability.access_log import AccessLogWriter, Names, decode
 from nexus.observability.exposition import NexusCollector
+from nexus.observability.metrics_http import start_metrics_server
 from nexus.observability.usage import UsageTable
 from nexus.services import AdminError, AdminHandler
 from nexus.supervision import StartError
@@ -305,7 +306,7 @@ class ObservabilityService:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.collector)
         try:
-            self._server, _thread = start_http_server(port, host, registry)
+            self._server = start_metrics_server(host, port, registry)
         except OSError as exc:
             log.error("cannot serve metrics address=%s: %s; /metrics is off until a reload fixes it", address, exc.strerror)
             return

@@ -12,8 +12,9 @@ per ring (a power of two).
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from nexus.shm import _native
@@ -50,6 +51,10 @@ class Ring:
     def push(self, *words: int) -> bool:
         """Publish one record of up to eight words; False if the ring was full."""
         return _native.ring_push(self._region, self._offset, self.capacity, *words)
+
+    def pusher(self) -> Callable[..., bool]:
+        """Return `push` as one native call with this ring bound, for a producer's hot path."""
+        return functools.partial(_native.ring_push, self._region, self._offset, self.capacity)
 
     def drain(self, limit: int | None = None) -> list[tuple[int, ...]]:
         """Consume up to `limit` records (all pending ones by default), oldest first."""
