@@ -49,7 +49,7 @@ from nexus.master_requests import GENERATION_ACTIONS, QUICK_ACTIONS, Request, Re
 from nexus.redis_sync import RedisSync
 from nexus.sd_notify import Notifier, Watchdog
 from nexus.services import AdminError, Service, master_services
-from nexus.shm.metrics import MetricLayout, MetricSlots
+from nexus.shm.metrics import MetricLayout, MetricSlots, SlotSums, fold_tables, sum_tables
 from nexus.shm.ring import RingSet
 from nexus.shm.state import SharedState, table_shape
 from nexus.shm.workers import WorkerState
@@ -129,6 +129,9 @@ class Master(UpgradeSteps):
         self._workers: dict[int, Worker] = {}
         self._restarts: dict[int, SlotRestarts] = {}
         self._metric_tables: list[tuple[MetricLayout, MetricSlots]] = []
+        # Held while a scrape sums the metric tables and while retired ones
+        # are folded and unmapped, so a scrape never reads an unmapped one.
+        self._metrics_lock = threading.Lock()
         self._shape: dict[str, list] = table_shape(config)
         self._bank_base = 0
         self._cpus = sorted(os.sched_getaffinity(0))
@@ -156,12 +159,19 @@ class Master(UpgradeSteps):
     # The API for the admin server's thread
 
     def metric_tables(self) -> list[tuple[MetricLayout, MetricSlots]]:
-        """Every metric table any generation of this node wrote, current one last.
+        """Return every metric table with counts of this node: retired generations' first, current one last.
 
         Summing a counter over all of them never goes backwards across
-        reloads and upgrades: a retired table stays mapped and keeps its counts.
+        reloads and upgrades: the counts of retired tables are kept, folded
+        into one table (`_fold_retired_metrics`).
         """
-        return list(self._metric_tables)
+        with self._metrics_lock:
+            return list(self._metric_tables)
+
+    def metric_sums(self) -> SlotSums:
+        """Sum every counter and histogram over all metric tables, for a scrape."""
+        with self._metrics_lock:
+            return sum_tables(self._metric_tables)
 
     def ring_sources(self) -> list[tuple[Config, RingSet, range]]:
         """(config, rings, slots) of each live generation: whose records its rings hold, named by which config."""
@@ -600,7 +610,8 @@ class Master(UpgradeSteps):
         generation = Generation(number, config, config_hash, shared, layout, slots, listeners, checker)
         self._generations.append(generation)
         if not any(table is shared.metrics for _, table in self._metric_tables):
-            self._metric_tables.append((layout, shared.metrics))
+            with self._metrics_lock:
+                self._metric_tables.append((layout, shared.metrics))
         return generation
 
     def _next_generation(self, config: Config, config_hash: str, listeners: list[Listener]) -> Generation:
@@ -698,7 +709,26 @@ class Master(UpgradeSteps):
                 listener.sock.close()
         if generation is self._active:
             self._active = None
+        self._fold_retired_metrics()
         log.info("generation gone generation=%d", generation.number)
+
+    def _fold_retired_metrics(self) -> None:
+        """Fold the metric tables that no live generation writes into one, and unmap the rest.
+
+        A reload that changes routes or upstreams gets a new table. Without
+        folding, a master reloaded every few minutes would keep every table
+        mapped and sum them all at each scrape.
+        """
+        live = {id(generation.shared.metrics) for generation in self._generations}
+        retired = [entry for entry in self._metric_tables if id(entry[1]) not in live]
+        if len(retired) < 2:
+            return
+        folded = fold_tables(retired)
+        with self._metrics_lock:
+            self._metric_tables = [folded, *(entry for entry in self._metric_tables if id(entry[1]) in live)]
+            for _, table in retired:
+                table.close()
+        log.info("metric tables of retired generations folded tables=%d words=%d", len(retired), folded[0].words)
 
     def _addresses(self, config: Config) -> list[str]:
         """The addresses to serve: the sockets systemd passed at start, else `config.listen`."""

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nexus.config import parse_config
-from nexus.observability.exposition import NexusCollector, sum_tables
-from nexus.shm.metrics import MetricSlots
+from nexus.observability.exposition import NexusCollector
+from nexus.shm.metrics import MetricSlots, fold_tables, sum_tables
 from nexus.shm.state import SharedState
 from nexus.shm.workers import WorkerState
 from nexus.telemetry import DURATION_BOUNDS_NS, RequestMetrics, build_layout
@@ -65,7 +65,7 @@ def test_requests_and_durations_sum_over_workers(state):
     second.request("nowhere", "GET", 404, 1_000)
     first.upstream_response("orders", "http://127.0.0.1:9002/", 3_000_000)
 
-    collector = NexusCollector(config, shared, lambda: [(layout, shared.metrics)])
+    collector = NexusCollector(config, shared, lambda: sum_tables([(layout, shared.metrics)]))
     samples = scrape(collector)
 
     assert value(samples, "nexus_http_requests_total", route="catalog", method_class="safe", status_class="2xx") == 4
@@ -97,7 +97,7 @@ def test_tries_ejections_and_retries_by_target(state):
     tries.ejected(1)
     tries.retried()
 
-    samples = scrape(NexusCollector(config, shared, lambda: [(layout, shared.metrics)]))
+    samples = scrape(NexusCollector(config, shared, lambda: sum_tables([(layout, shared.metrics)])))
     first, second = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
     assert value(samples, "nexus_upstream_tries_total", upstream="app", target=first, outcome="ok") == 1
     assert value(samples, "nexus_upstream_tries_total", upstream="app", target=first, outcome="reset") == 1
@@ -128,7 +128,7 @@ def test_gauges_from_the_other_tables(state):
         "worker_restarts": 4, "reloads": 2, "reloads_failed": 1, "generation": 3, "started_at": 1700000000, "worker_slots": [0],
     }  # fmt: skip
 
-    samples = scrape(NexusCollector(config, shared, lambda: [(layout, shared.metrics)], lambda: counters))
+    samples = scrape(NexusCollector(config, shared, lambda: sum_tables([(layout, shared.metrics)]), lambda: counters))
     assert value(samples, "nexus_upstream_target_up", upstream="app", target="http://127.0.0.1:9001") == 1
     assert value(samples, "nexus_upstream_target_up", upstream="app", target="http://127.0.0.1:9002") == 0
     assert value(samples, "nexus_upstream_health_probe_failures_total", upstream="app", target="http://127.0.0.1:9002") == 1
@@ -158,7 +158,7 @@ def test_cache_hit_ratio_per_route():
             metrics = RequestMetrics(shared.metrics.for_worker(worker), layout, config)
             for result in results:
                 metrics.cache("orders", result)
-        samples = scrape(NexusCollector(config, shared, lambda: [(layout, shared.metrics)]))
+        samples = scrape(NexusCollector(config, shared, lambda: sum_tables([(layout, shared.metrics)])))
     finally:
         shared.close()
     # hit, hit, stale, l2_hit, hit of 8 lookups; no lookups on images yet.
@@ -175,7 +175,7 @@ def test_killed_worker_counts_stay(state):
             metrics.request("orders", "GET", 200, 1_000_000)
         os.kill(os.getpid(), signal.SIGSTOP)
 
-    collector = NexusCollector(config, shared, lambda: [(layout, shared.metrics)])
+    collector = NexusCollector(config, shared, lambda: sum_tables([(layout, shared.metrics)]))
     with Children() as children:
         pid = children.fork(count_then_wait)
         _, status = os.waitpid(pid, os.WUNTRACED)
@@ -205,5 +205,26 @@ def test_retired_generation_tables_add_up(state):
         assert sums.counters[("requests", "orders", "safe", "2xx")] == 1
         assert sums.counters[("requests", "search", "safe", "2xx")] == 1
         assert sum(sums.histograms[("duration", "catalog")][1]) == 2
+    finally:
+        new_slots.close()
+
+
+def test_folded_tables_sum_as_the_originals(state):
+    config, layout, shared = state
+    new_config = parse_config(CONFIG.replace("name: orders", "name: search"))
+    new_layout = build_layout(new_config)
+    new_slots = MetricSlots.create(new_layout, 2)
+    try:
+        RequestMetrics(shared.metrics.for_worker(0), layout, config).request("orders", "POST", 503, 2_000_000)
+        RequestMetrics(shared.metrics.for_worker(1), layout, config).request("catalog", "GET", 200, 1000)
+        RequestMetrics(new_slots.for_worker(1), new_layout, new_config).request("search", "GET", 404, 5_000_000_000)
+        tables = [(layout, shared.metrics), (new_layout, new_slots)]
+
+        folded_layout, folded = fold_tables(tables)
+        try:
+            assert folded.workers == 1
+            assert sum_tables([(folded_layout, folded)]) == sum_tables(tables)
+        finally:
+            folded.close()
     finally:
         new_slots.close()

@@ -16,69 +16,20 @@ Names follow the Prometheus conventions: the `nexus_` prefix, base units
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from nexus import __version__
 from nexus.config import Config
-from nexus.shm.metrics import MetricLayout, MetricSlots
-from nexus.shm.segment import HEADER_BYTES
+from nexus.shm.metrics import SlotSums
 from nexus.shm.state import SharedState
 from nexus.shm.workers import WorkerState
 from nexus.telemetry import SERVED_FROM_CACHE, TRY_OUTCOMES
 from nexus.upstream import target_slots
 
-__all__ = ["NexusCollector", "SlotSums", "sum_tables"]
-
-MetricTables = Callable[[], list[tuple[MetricLayout, MetricSlots]]]
-
-
-@dataclass
-class SlotSums:
-    """Counter values and histogram buckets summed over worker blocks and segments, by layout key."""
-
-    counters: dict[Hashable, int] = field(default_factory=dict)
-    # key -> (bounds in the layout's unit, non-cumulative buckets with +Inf last, sum)
-    histograms: dict[Hashable, tuple[tuple[int, ...], list[int], int]] = field(default_factory=dict)
-
-
-def _block_sums(slots: MetricSlots, words: int) -> list[int]:
-    """Sum the first `words` words of every worker block, word by word."""
-    all_words = slots.segment.words
-    first = HEADER_BYTES // 8
-    totals = [0] * words
-    for worker in range(slots.workers):
-        start = first + worker * slots.block_words
-        block = all_words[start : start + words].tolist()
-        totals = [total + value for total, value in zip(totals, block)]
-    return totals
-
-
-def sum_tables(tables: list[tuple[MetricLayout, MetricSlots]]) -> SlotSums:
-    """Add up every counter and histogram over all worker blocks of all `tables`.
-
-    Tables of different layouts (generations before and after a reload)
-    add up key by key; a histogram whose bounds changed keeps the first
-    bounds seen and skips the others.
-    """
-    sums = SlotSums()
-    for layout, slots in tables:
-        words = _block_sums(slots, layout.words)
-        for key, index in layout.counters.items():
-            sums.counters[key] = sums.counters.get(key, 0) + words[index]
-        for key, histogram in layout.histograms.items():
-            size = len(histogram.bounds) + 1
-            buckets = words[histogram.index : histogram.index + size]
-            total = words[histogram.index + size]
-            known = sums.histograms.get(key)
-            if known is None:
-                sums.histograms[key] = (histogram.bounds, buckets, total)
-            elif known[0] == histogram.bounds:
-                sums.histograms[key] = (known[0], [a + b for a, b in zip(known[1], buckets)], known[2] + total)
-    return sums
+__all__ = ["NexusCollector"]
 
 
 def _seconds_buckets(bounds_ns: tuple[int, ...], buckets: list[int]) -> list[tuple[str, int]]:
@@ -96,7 +47,8 @@ def _seconds_buckets(bounds_ns: tuple[int, ...], buckets: list[int]) -> list[tup
 class NexusCollector:
     """A prometheus_client collector over the node's shared memory.
 
-    `tables` returns the metric segments to sum (`master.metric_tables()`).
+    `sums` returns the metric slots summed over every worker block of every
+    metric segment (`master.metric_sums()`).
     `master_counters` returns the master's counters (`master.counters()`:
     worker_restarts, reloads, reloads_failed, generation, started_at).
     `extra` returns further families, such as the access log's counters.
@@ -106,13 +58,13 @@ class NexusCollector:
         self,
         config: Config,
         shared: SharedState,
-        tables: MetricTables,
+        sums: Callable[[], SlotSums],
         master_counters: Callable[[], dict[str, Any]] | None = None,
         extra: Callable[[], Iterator[Metric]] | None = None,
     ) -> None:
         self.config = config
         self.shared = shared
-        self._tables = tables
+        self._sums = sums
         self._master_counters = master_counters
         self._extra = extra
 
@@ -121,7 +73,7 @@ class NexusCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        sums = sum_tables(self._tables())
+        sums = self._sums()
         yield from self._requests(sums)
         yield from self._rate_limits(sums)
         yield from self._upstreams(sums)

@@ -34,6 +34,7 @@ from nexus.observability.exposition import NexusCollector
 from nexus.observability.metrics_http import start_metrics_server
 from nexus.observability.usage import UsageTable
 from nexus.services import AdminError, AdminHandler
+from nexus.shm.metrics import SlotSums, sum_tables
 from nexus.supervision import StartError
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class ObservabilityService:
         self._drain_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.collector = NexusCollector(
-            self.config, master.shared, self._metric_tables, self._master_counters, self._own_metrics
+            self.config, master.shared, self._metric_sums, self._master_counters, self._own_metrics
         )
 
     # Service protocol.
@@ -273,11 +274,11 @@ class ObservabilityService:
 
     # Metrics.
 
-    def _metric_tables(self):
-        tables = getattr(self.master, "metric_tables", None)
-        if tables is not None:
-            return tables()
-        return [(self.master.metric_layout, self.master.shared.metrics)]
+    def _metric_sums(self) -> SlotSums:
+        sums = getattr(self.master, "metric_sums", None)
+        if sums is not None:
+            return sums()
+        return sum_tables([(self.master.metric_layout, self.master.shared.metrics)])
 
     def _master_counters(self) -> dict[str, Any]:
         counters = getattr(self.master, "counters", None)

@@ -30,7 +30,7 @@ import xxhash
 
 from nexus.shm.segment import HEADER_BYTES, Segment, SegmentError
 
-__all__ = ["HistogramSnapshot", "MetricLayout", "MetricSlots", "WorkerMetrics"]
+__all__ = ["HistogramSnapshot", "MetricLayout", "MetricSlots", "SlotSums", "WorkerMetrics", "fold_tables", "sum_tables"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +159,74 @@ class MetricSlots:
 
     def close(self) -> None:
         self.segment.close()
+
+
+@dataclass
+class SlotSums:
+    """Counter values and histogram buckets summed over worker blocks and segments, by layout key."""
+
+    counters: dict[Hashable, int] = field(default_factory=dict)
+    # key -> (bounds in the layout's unit, non-cumulative buckets with +Inf last, sum)
+    histograms: dict[Hashable, tuple[tuple[int, ...], list[int], int]] = field(default_factory=dict)
+
+
+def _block_sums(slots: MetricSlots, words: int) -> list[int]:
+    """Sum the first `words` words of every worker block, word by word."""
+    all_words = slots.segment.words
+    first = HEADER_BYTES // 8
+    totals = [0] * words
+    for worker in range(slots.workers):
+        start = first + worker * slots.block_words
+        block = all_words[start : start + words].tolist()
+        totals = [total + value for total, value in zip(totals, block)]
+    return totals
+
+
+def sum_tables(tables: list[tuple[MetricLayout, MetricSlots]]) -> SlotSums:
+    """Add up every counter and histogram over all worker blocks of all `tables`.
+
+    Tables of different layouts (generations before and after a reload)
+    add up key by key; a histogram whose bounds changed keeps the first
+    bounds seen and skips the others.
+    """
+    sums = SlotSums()
+    for layout, slots in tables:
+        words = _block_sums(slots, layout.words)
+        for key, index in layout.counters.items():
+            sums.counters[key] = sums.counters.get(key, 0) + words[index]
+        for key, histogram in layout.histograms.items():
+            size = len(histogram.bounds) + 1
+            buckets = words[histogram.index : histogram.index + size]
+            total = words[histogram.index + size]
+            known = sums.histograms.get(key)
+            if known is None:
+                sums.histograms[key] = (histogram.bounds, buckets, total)
+            elif known[0] == histogram.bounds:
+                sums.histograms[key] = (known[0], [a + b for a, b in zip(known[1], buckets)], known[2] + total)
+    return sums
+
+
+def fold_tables(tables: list[tuple[MetricLayout, MetricSlots]]) -> tuple[MetricLayout, MetricSlots]:
+    """Return one single-block table holding the sums of `tables`, for tables no worker writes any more.
+
+    The master folds the tables of retired generations into one. Otherwise
+    each reload that changes the layout would keep a segment, and every
+    scrape would sum them all. Summing the folded table gives what summing
+    `tables` gave: the same keys, and for a histogram the first bounds seen.
+    """
+    sums = sum_tables(tables)
+    layout = MetricLayout()
+    for key in sums.counters:
+        layout.counter(key)
+    for key, (bounds, _, _) in sums.histograms.items():
+        layout.histogram(key, bounds)
+    folded = MetricSlots.create(layout, 1)
+    block = folded.for_worker(0)
+    for key, value in sums.counters.items():
+        block.inc(layout.counters[key], value)
+    for key, (bounds, buckets, total) in sums.histograms.items():
+        index = layout.histograms[key].index
+        for bucket, count in enumerate(buckets):
+            block.inc(index + bucket, count)
+        block.inc(index + len(bounds) + 1, total)
+    return layout, folded

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import admin_socket_dir, wait_for
 from tests.e2e.lifecycle_support import CONNECTION_ERRORS, is_running
+from tests.redis_support import free_port
 from tests.e2e.obs_support import Traffic, metrics_address, obs_config, request, scrape, scrape_text, total, value
 
 pytestmark = pytest.mark.e2e
@@ -136,3 +137,50 @@ def test_reload_keeps_counts_and_adds_routes(tmp_path, upstream_factory, gateway
     routes = [json.loads(line)["route"] for line in access_log.read_text().splitlines()]
     assert routes.count("echo") == 50
     assert routes.count("extra") == 20
+
+
+def _metric_segments(pid: int) -> int:
+    """Count the distinct metric segments mapped by process `pid`."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return len({line.split()[4] for line in maps if "memfd:nexus-metrics" in line})
+
+
+def test_reloads_fold_retired_tables(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    port = free_port()
+    config = obs_config(upstream.url, admin_socket_dir(tmp_path) / "a.sock").replace(
+        '"metrics": "127.0.0.1:0"', f'"metrics": "127.0.0.1:{port}"'
+    )
+    gateway = gateway_factory(config, workers=2)
+    address = f"127.0.0.1:{port}"
+    master = gateway.process.pid
+    for _ in range(30):
+        assert request(gateway.url, path="/echo/a") == 200
+    config_path = next(tmp_path.glob("nexus-*.yaml"))
+
+    # Each reload adds a route, so each generation gets a metric table of its own.
+    for number in range(2, 6):
+        route = f"  - {{name: extra{number}, upstream: app, match: {{path_prefix: /extra{number}}}}}\n"
+        config_path.write_text(config_path.read_text().replace("routes:\n", "routes:\n" + route))
+        os.kill(master, signal.SIGHUP)
+        wait_for(lambda n=number: f"generation gone generation={n - 1}" in gateway.log(), 30, message=f"generation {number - 1} gone")
+        for _ in range(5):
+            assert request(gateway.url, path=f"/extra{number}/b") == 200
+
+    # The four retired tables were folded into one: two stay mapped, not five.
+    assert _metric_segments(master) == 2
+    safe_2xx = {"method_class": "safe", "status_class": "2xx"}
+    wait_for(lambda: total(scrape(address), "nexus_http_requests_total") == 50, 5, message="50 requests counted")
+    samples = scrape(address)
+    assert value(samples, "nexus_http_requests_total", route="echo", **safe_2xx) == 30
+    for number in range(2, 6):
+        assert value(samples, "nexus_http_requests_total", route=f"extra{number}", **safe_2xx) == 5
+    assert sum(samples["nexus_http_request_duration_seconds_count"].values()) == 50
+
+    # An upgrade hands the folded table to the new master with its counts.
+    os.kill(master, signal.SIGUSR2)
+    wait_for(lambda: not is_running(master), 30, message="the old master to exit after the upgrade")
+    for _ in range(10):
+        assert request(gateway.url, path="/echo/c") == 200
+    wait_for(lambda: total(scrape(address), "nexus_http_requests_total") == 60, 10, message="60 requests counted")
+    assert value(scrape(address), "nexus_http_requests_total", route="echo", **safe_2xx) == 40
