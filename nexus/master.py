@@ -702,15 +702,22 @@ class Master(UpgradeSteps):
         self._generations.remove(generation)
         if generation.health_checker is not None:
             generation.health_checker.stop()
-        in_use = {id(listener) for other in self._generations for listener in other.listeners}
-        for listener in generation.listeners:
-            if id(listener) not in in_use and listener.fileno() >= 0 and listener.fileno() not in self._activated_fds:
-                log.info("listener closed address=%s", listener.address)
-                listener.sock.close()
+        self._close_listeners(generation)
         if generation is self._active:
             self._active = None
         self._fold_retired_metrics()
         log.info("generation gone generation=%d", generation.number)
+
+    def _close_listeners(self, generation: Generation) -> None:
+        """Close the master's copy of each listener of `generation` that no other generation serves.
+
+        Sockets systemd passed stay open, so connections wait in their queue.
+        """
+        in_use = {id(listener) for other in self._generations if other is not generation for listener in other.listeners}
+        for listener in generation.listeners:
+            if id(listener) not in in_use and listener.fileno() >= 0 and listener.fileno() not in self._activated_fds:
+                log.info("listener closed address=%s", listener.address)
+                listener.sock.close()
 
     def _fold_retired_metrics(self) -> None:
         """Fold the metric tables that no live generation writes into one, and unmap the rest.
@@ -841,9 +848,14 @@ class Master(UpgradeSteps):
         generation = self._active
         self._active = None
         self._begin_drain(generation)
+        # The workers stop accepting at once (SIGUSR1) and let go of the
+        # listening sockets, so closing the master's copy makes the kernel
+        # refuse new connections now rather than queue them until the
+        # workers have finished.
+        self._close_listeners(generation)
         self.state = MasterState.DRAINED
         self._notifier.status("drained: not serving until nexusctl resume")
-        log.warning("gateway drained generation=%d: listeners close once its workers finish", generation.number)
+        log.warning("gateway drained generation=%d: new connections are refused", generation.number)
         return {"state": self.state.value, "generation": generation.number, "workers_draining": len(self._workers_of(generation))}
 
     def _resume(self) -> dict[str, Any]:

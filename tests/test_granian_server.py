@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
+import select
 import signal
 import socket
 import threading
@@ -113,4 +114,41 @@ def test_sigterm_drains_in_flight_request():
         assert result["response"] == (200, f"pid={pid}")
         assert os.waitstatus_to_exitcode(_wait_exit(pid)) == 0
     finally:
+        sock.close()
+
+
+def test_sigusr1_stops_accepting():
+    sock = _bind(socket.AF_INET, "127.0.0.1")
+    port = sock.getsockname()[1]
+    pid = _fork_server([sock])
+    open_connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        assert _get("127.0.0.1", port)[0] == 200
+        open_connection.request("GET", "/")
+        assert open_connection.getresponse().read() == f"pid={pid}".encode()
+
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        # A new connection waits in the socket's queue: the worker no longer accepts.
+        late = socket.create_connection(("127.0.0.1", port), timeout=5)
+        late.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        late.settimeout(1.0)
+        try:
+            answer = late.recv(100)
+        except TimeoutError:
+            answer = None
+        assert answer is None, f"the draining worker answered a new connection: {answer!r}"
+        # The connection it had keeps being served.
+        open_connection.request("GET", "/")
+        assert open_connection.getresponse().read() == f"pid={pid}".encode()
+        # The socket stayed open for the other processes that hold it: this one takes the queued connection.
+        ready, _, _ = select.select([sock], [], [], 5)
+        assert ready == [sock]
+        accepted, _ = sock.accept()
+        accepted.close()
+        late.close()
+    finally:
+        open_connection.close()
+        os.kill(pid, signal.SIGTERM)
+        assert os.waitstatus_to_exitcode(_wait_exit(pid)) == 0
         sock.close()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from granian._futures import _future_watcher_wrapper, _new_cbscheduler
 from granian._granian import ASGIWorker, RSGIWorker, SocketHolder, WorkerSignal
 from granian.http import HTTP1Settings
 
-__all__ = ["ServerSettings", "serve"]
+__all__ = ["ServerSettings", "serve", "stop_accepting"]
 
 log = logging.getLogger("nexus.worker")
 
@@ -57,10 +59,11 @@ def serve(
 ) -> None:
     """Serve `app` on every socket in `listen_fds` until SIGTERM or SIGINT.
 
-    `on_drain` is called in the loop on SIGUSR1, which leaves granian
-    accepting, and again when the stop signal arrives (so it must do its
-    work once). On the stop signal granian stops accepting and finishes the
-    requests in flight, and
+    SIGUSR1 starts the drain: this worker stops accepting connections
+    (`stop_accepting`) while it goes on serving the ones it has, and
+    `on_drain` is called in the loop. `on_drain` is called again when the
+    stop signal arrives (so it must do its work once). On the stop signal
+    granian closes idle connections, finishes the requests in flight, and
     this function returns when all of them are done. granian sets no deadline
     on that drain, so the master kills a worker that takes longer than its own.
     """
@@ -88,9 +91,13 @@ def serve(
         if remaining == 0:
             all_stopped.set()
 
+    def on_drain_signal() -> None:
+        stop_accepting(listen_fds)
+        on_drain()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal)
-    loop.add_signal_handler(signal.SIGUSR1, on_drain)
+    loop.add_signal_handler(signal.SIGUSR1, on_drain_signal)
 
     callback = _future_watcher_wrapper(_asgi_runner(app) if settings.interface == "asgi" else app)
     for fd, stop_signal in zip(listen_fds, stop_signals):
@@ -103,6 +110,44 @@ def serve(
         worker.serve_str(scheduler, loop, stop_signal)
 
     loop.run_until_complete(all_stopped.wait())
+
+
+def stop_accepting(listen_fds: list[int]) -> None:
+    """Make granian accept no more connections on `listen_fds` in this process, and keep serving the others.
+
+    granian stops accepting only when it stops, and at that moment it also
+    closes every connection whose first request it has not read yet. A
+    connection accepted just before the stop is closed under a request the
+    client has sent, which the client cannot tell from a lost request. So a
+    draining worker first stops taking connections: each listening
+    descriptor number is pointed (dup2) at a placeholder socket that never
+    has a connection, and granian's accept calls, made on that number, find
+    nothing. The listening socket itself stays open in the master and the
+    new generation, whose workers accept what arrives from now on. Calling
+    this again does nothing.
+
+    This relies on granian 2.8.9's SocketHolder serving the descriptor
+    number it was given rather than a duplicate (tests/test_granian_server.py
+    checks it).
+    """
+    for fd in listen_fds:
+        if _is_placeholder(fd):
+            continue
+        placeholder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The kernel picks an abstract address (autobind), so no file is left
+        # behind. It listens, so accept() finds nothing instead of failing. It is
+        # non-blocking, as granian's event loop expects.
+        placeholder.bind("")
+        placeholder.listen(1)
+        placeholder.setblocking(False)
+        os.dup2(placeholder.fileno(), fd, inheritable=False)
+        placeholder.close()
+    log.debug("stopped accepting fds=%s", listen_fds)
+
+
+def _is_placeholder(fd: int) -> bool:
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.family == socket.AF_UNIX
 
 
 def _asgi_runner(app: AsgiApp) -> Callable[[dict[str, Any], Any], Awaitable[None]]:

@@ -4,11 +4,12 @@
 inherited from the master, builds the gateway, serves until SIGTERM or
 SIGINT, and leaves with `os._exit` so no master code runs in the child.
 
-Signals from the master: SIGUSR1 starts the drain while the worker still
-accepts (every response then carries `Connection: close`, so keep-alive
-downstreams leave before the worker stops); SIGTERM stops accepting,
-finishes the requests in flight and exits. A reload sends SIGUSR1, then
-SIGTERM a moment later (`nexus.master`).
+Signals from the master: SIGUSR1 starts the drain. The worker stops
+accepting connections, and every response on the ones it has carries
+`Connection: close`, so keep-alive downstreams leave before the worker
+stops. SIGTERM closes idle connections, finishes the requests in flight
+and exits. A reload sends SIGUSR1, then SIGTERM half a second later
+(`nexus.master`).
 
 Exit statuses are a protocol with the master (`nexus.workers.exitcodes`).
 A worker exits 0 after a clean drain. It exits BOOT_ERROR when it could not

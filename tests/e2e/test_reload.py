@@ -94,6 +94,28 @@ def test_twenty_reloads_lose_no_request(upstream_factory, gateway_factory, recor
     assert gateway.stop() == 0
 
 
+def test_reloads_reset_no_new_connection(upstream_factory, gateway_factory, record_property):
+    # A worker of the old generation must stop accepting when its drain
+    # starts: a connection it accepted at its stop would be closed before
+    # its request was read, which a client sees as a reset it cannot tell
+    # from a lost request.
+    upstream = upstream_factory("a")
+    gateway = gateway_factory(_config(upstream.url))
+    with LoadClient(gateway.addresses[0], concurrency=6) as load:
+        wait_for(lambda: len(load.records) > 20, 10, message="load to start")
+        for _ in range(15):
+            outcome = signal_and_wait(gateway.log, gateway.process.pid, signal.SIGHUP, (RELOADED, REJECTED))
+            assert outcome == RELOADED, gateway.log()[-3000:]
+            # Past the old generation's stop, where the resets happened.
+            time.sleep(0.8)
+    records = load.records
+
+    summary = assert_no_request_failed(records, "15 reloads, raw resets", record_property)
+    fresh = [record for record in records if not record.keep_alive]
+    assert len(fresh) > 1000, summary
+    assert [record.first_error for record in fresh if record.first_error] == [], summary
+
+
 def test_long_request_finishes_during_reload(upstream_factory, gateway_factory):
     upstream = upstream_factory("a")
     gateway = gateway_factory(_config(upstream.url))
@@ -200,8 +222,10 @@ def test_drain_then_resume(upstream_factory, gateway_factory):
 
     drained = admin.call("POST", "/drain")
     assert drained["state"] == "drained", drained
+    # Refused at once, not after the workers have finished.
+    wait_for(lambda: _refused(port), 0.3, interval=0.01, message="the drained gateway to refuse connections")
     assert wait_gone(workers, 15) == []
-    wait_for(lambda: _refused(port), 10, message="the drained gateway to refuse connections")
+    assert _refused(port)
     assert admin.call("GET", "/status")["state"] == "drained"
     with pytest.raises(AdminClientError) as raised:
         admin.call("POST", "/reload")
