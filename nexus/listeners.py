@@ -8,6 +8,7 @@ and `[::]:8080` can both be listed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from dataclasses import dataclass
@@ -69,5 +70,16 @@ def _bind(address: str) -> socket.socket:
         sock.set_inheritable(True)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}; {_bind_advice(exc.errno)}") from exc
     return sock
+
+
+def _bind_advice(errno_value: int | None) -> str:
+    """Return what an operator can do about a failed bind, by its errno."""
+    if errno_value == errno.EADDRINUSE:
+        return "stop the process that uses it, or choose another address in `listen`"
+    if errno_value == errno.EADDRNOTAVAIL:
+        return "no interface of this host has that address: choose one that does, or 0.0.0.0 or [::] for all"
+    if errno_value == errno.EACCES:
+        return "a port below 1024 needs CAP_NET_BIND_SERVICE or socket activation (systemd/nexus.socket)"
+    return "fix the address in `listen`"

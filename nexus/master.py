@@ -331,7 +331,11 @@ class Master(UpgradeSteps):
             # A drain may take up to shutdown_timeout, as long as WatchdogSec.
             if self._is_main:
                 self._watchdog.ping_if_due()
-            self._pending_signals.clear()  # the stop is under way: signals change nothing
+            # The stop is under way: signals change nothing.
+            for signum in self._pending_signals:
+                if signum in _SIGNAL_ACTIONS:
+                    log.warning("%s ignored signal=%s: this master is stopping", _SIGNAL_ACTIONS[signum], signal.Signals(signum).name)
+            self._pending_signals.clear()
             self._reap()
             self._advance_drains()
             self._answer(stopping=True)
@@ -411,6 +415,8 @@ class Master(UpgradeSteps):
         while queued:
             request = queued.popleft()
             if stopping and request.action not in QUICK_ACTIONS:
+                # A request from a signal has no caller to answer, so it is logged.
+                log.warning("%s not done: this master is stopping (after an upgrade, ask the new master)", request.action)
                 request.finish(error=AdminError(503, f"the master is stopping, so {request.action} was not done: retry once a master runs"))
             elif request.action in QUICK_ACTIONS or not (quick_only or self._must_wait(request.action)):
                 self._run_request(request)
@@ -752,7 +758,7 @@ class Master(UpgradeSteps):
         try:
             bound = {listener.requested: listener for listener in bind_listeners(missing)}
         except OSError as exc:
-            raise AdminError(409, f"{exc.strerror}: free the address or change `listen`; nothing was changed") from None
+            raise AdminError(409, f"{exc.strerror}; nothing was changed") from None
         for listener in bound.values():
             log.info("listening address=%s", listener.address)
         return [open_listeners.get(address) or bound[address] for address in addresses]
@@ -783,14 +789,20 @@ class Master(UpgradeSteps):
         """Let each service reject a config it cannot apply, before any worker of it starts."""
         for service in self.services:
             check = getattr(service, "check", None)
-            if check is not None:
+            if check is None:
+                continue
+            try:
                 check(config)
+            except AdminError as exc:
+                raise AdminError(
+                    exc.status, f"reload rejected: {exc.message} (generation {self.generation} keeps serving; nothing was changed)"
+                ) from None
 
     def _reload_config(self) -> dict[str, Any]:
         """Start a generation on the config file as it is now, and drain the running one."""
         assert self.config_path is not None and self._active is not None
         config = self._read_config()
-        self._warn_fixed_sizes(config)
+        warnings = self._reload_warnings(config)
         self._check_services(config)
         previous = self._active
         listeners = self._listeners_for(self._addresses(config))
@@ -815,15 +827,18 @@ class Master(UpgradeSteps):
         if self._admin is not None:
             self._admin.reconfigure(config)
         log.info("reload done generation=%d previous=%d config_hash=%s", generation.number, previous.number, generation.config_hash)
-        return {
+        result: dict[str, Any] = {
             "generation": generation.number,
             "previous_generation": previous.number,
             "config_hash": generation.config_hash,
             "workers": len(generation.slots),
         }
+        if warnings:
+            result["warnings"] = warnings
+        return result
 
-    def _read_config(self) -> Config:
-        """Load and check the config file, or raise AdminError with `nexus check`'s message."""
+    def _read_config(self, action: str = "reload") -> Config:
+        """Load and check the config file for `action` (reload or upgrade), or raise AdminError with `nexus check`'s message."""
         assert self.config_path is not None
         try:
             return load_config(self.config_path)
@@ -833,12 +848,23 @@ class Master(UpgradeSteps):
             prefix = "" if message.startswith(self.config_path) else f"{self.config_path}: "
             raise AdminError(
                 422,
-                f"reload rejected: invalid config {prefix}{message} (generation {self.generation} keeps serving; fix the file and reload again)",
+                f"{action} rejected: invalid config {prefix}{message} "
+                f"(generation {self.generation} keeps serving; fix the file and {action} again)",
             ) from None
 
-    def _warn_fixed_sizes(self, config: Config) -> None:
+    def _reload_warnings(self, config: Config) -> list[str]:
+        """Log and return what of `config` a reload cannot apply; the reload goes on without it."""
+        warnings = []
         if config.shared_memory != self._sizes_in_effect:
-            log.warning("shared_memory sizes differ from those in effect: they apply at the next restart, not on reload")
+            warnings.append("shared_memory sizes differ from those in effect: they apply at the next restart, not on reload")
+        if self._activated and self._active is not None and config.listen != self._active.config.listen:
+            warnings.append(
+                "listen changed, but this master serves the sockets systemd passed (socket activation), so it still "
+                "listens on the same addresses: change ListenStream= in nexus.socket and restart the socket unit"
+            )
+        for warning in warnings:
+            log.warning("reload: %s", warning)
+        return warnings
 
     # Drain and resume
 
@@ -902,6 +928,7 @@ class Master(UpgradeSteps):
             "uptime_s": round(time.time() - self.started_at, 3),
             "reloads": self._counters.reloads,
             "reloads_failed": self._counters.reloads_failed,
+            "upgrades_failed": self._counters.upgrades_failed,
             "worker_restarts": self._counters.worker_restarts,
             "generations": [{"generation": g.number, "state": g.state.value, "workers": len(self._workers_of(g))} for g in self._generations],
             "workers": workers,

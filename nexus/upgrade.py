@@ -67,6 +67,10 @@ class UpgradeSteps:
         self.state = MasterState.UPGRADING
         self._notifier.status("upgrading: starting a new master")
         try:
+            # The new master reads the same file: a config it would reject is
+            # rejected here, with the reason, instead of as a failed start.
+            if self.config_path is not None:
+                self._read_config("upgrade")
             new_master = self._start_new_master()
             reply = self._hand_over(new_master)
         except AdminError as exc:

@@ -133,11 +133,12 @@ def short_socket_dir() -> Path:
     return directory
 
 
-def run_nexusctl(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """Run the installed nexusctl script."""
+def run_nexusctl(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed nexusctl script, with `env` added to the environment."""
     # Without RUNTIME_DIRECTORY, as in an operator's shell, the default path is /run/nexus/admin.sock.
-    env = {name: value for name, value in os.environ.items() if name != "RUNTIME_DIRECTORY"}
-    return subprocess.run([NEXUSCTL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    environment = {name: value for name, value in os.environ.items() if name != "RUNTIME_DIRECTORY"}
+    environment.update(env or {})
+    return subprocess.run([NEXUSCTL, *args], capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def run_nexusctl_as(uid: int, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:

@@ -160,7 +160,44 @@ def test_invalid_admin_section_is_usage_error(socket_dir: Path) -> None:
     config.write_text("admin: {socket: [1, 2]}\n")
     result = run_nexusctl("status", "--config", str(config))
     assert result.returncode == 2
-    assert f"invalid admin section in {config}" in result.stderr
+    assert f"nexusctl: invalid config {config}: admin.socket: expected a string, found a list" in result.stderr
+
+
+def test_misspelled_admin_key_is_named(socket_dir: Path) -> None:
+    config = socket_dir / "nexus.yaml"
+    config.write_text('admin: {sokcet_mode: "0600"}\n')
+    result = run_nexusctl("status", "--config", str(config), "--json")
+    assert result.returncode == 2
+    assert 'admin.sokcet_mode: unknown key' in result.stderr
+    assert 'did you mean "socket_mode"?' in result.stderr
+    assert json.loads(result.stdout) == {"error": result.stderr.removeprefix("nexusctl: ").strip(), "exit_status": 2}
+
+
+def test_json_error_goes_to_stdout(socket_dir: Path) -> None:
+    result = run_nexusctl("status", "--socket", str(socket_dir / "missing.sock"), "--json")
+    assert result.returncode == 3
+    error = json.loads(result.stdout)
+    assert error["exit_status"] == 3
+    assert error["error"].startswith("master not running: no admin socket at")
+    assert error["error"] in result.stderr
+
+
+def test_config_without_socket_names_the_default(socket_dir: Path) -> None:
+    config = socket_dir / "nexus.yaml"
+    config.write_text("workers: 1\n")
+    result = run_nexusctl("status", "--config", str(config), env={"RUNTIME_DIRECTORY": str(socket_dir / "run")})
+    assert result.returncode == 3
+    assert f"{config} sets no admin.socket, so this is the default path" in result.stderr
+    assert "--config FILE to read admin.socket" not in result.stderr
+
+
+def test_moved_socket_hints_at_the_old_path(socket_dir: Path) -> None:
+    config = socket_dir / "nexus.yaml"
+    config.write_text("admin: {socket: new.sock}\n")
+    result = run_nexusctl("reload", "--config", str(config))
+    assert result.returncode == 3
+    assert f"This is admin.socket in {config}" in result.stderr
+    assert "pass --socket OLD_PATH" in result.stderr
 
 
 def test_default_path_under_systemd(served, socket_dir: Path) -> None:

@@ -712,9 +712,12 @@ def test_load_config_reads_file(tmp_path: Path) -> None:
     assert config.listen == ["127.0.0.1:9000"]
 
 
-def test_empty_file_is_all_defaults() -> None:
-    assert parse_config("") == Config()
-    assert parse_config("# only a comment\n") == Config()
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "null\n", "---\n", "~"])
+def test_empty_config_is_rejected(text: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="nexus.yaml")
+    assert str(raised.value).startswith("nexus.yaml: the config is empty")
+    assert "routes" in str(raised.value)
 
 
 def test_defaults() -> None:

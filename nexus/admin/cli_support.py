@@ -21,13 +21,13 @@ Exit statuses of every such verb:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-import msgspec
 
 from nexus.admin.client import DEFAULT_TIMEOUT, AdminClient, AdminClientError
 from nexus.admin.paths import default_socket_path, socket_path
@@ -63,20 +63,47 @@ class Output:
             return
         click.echo((text or format_value)(result))
 
+    def error(self, message: str, exit_status: int) -> None:
+        """With --json, print a failure as `{"error": ..., "exit_status": ...}`, so scripts always get JSON.
 
-def resolve_socket(socket_option: str | None, config_option: str | None) -> str:
-    """Return the admin socket path from the options, or raise click.UsageError."""
+        The message goes to stderr as well, as without --json (the caller prints it).
+        """
+        if self.as_json:
+            click.echo(json.dumps({"error": message, "exit_status": exit_status}, indent=2, sort_keys=True))
+
+
+def resolve_socket(socket_option: str | None, config_option: str | None) -> tuple[str, str | None]:
+    """Return the admin socket path from the options, and how to find the master if it is not there.
+
+    The second value is advice for the "master not running" error, or None
+    for the general advice (start the master, or name its socket).
+    """
     if socket_option:
-        return socket_option
+        return socket_option, None
     if config_option:
-        return socket_path(_read_admin_section(config_option), config_option)
-    return default_socket_path()
+        admin = _read_admin_section(config_option)
+        path = socket_path(admin, config_option)
+        if admin.socket is None:
+            return path, (
+                f"{config_option} sets no admin.socket, so this is the default path. Start the master, or, if it "
+                "runs with another socket, pass --socket PATH"
+            )
+        return path, (
+            f"This is admin.socket in {config_option}. If you changed it since the master started or last "
+            "reloaded, the master still listens on the old path until it reloads: pass --socket OLD_PATH, "
+            "for example to reload. Otherwise start the master"
+        )
+    return default_socket_path(), None
 
 
 class ConfigFileError(click.ClickException):
     """A --config file nexusctl cannot read the admin socket path from; nexusctl exits 2, as for a usage error."""
 
     exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        # As every other nexusctl error, not click's "Error:" form.
+        click.echo(f"nexusctl: {self.format_message()}", err=True)
 
 
 def _read_admin_section(config_path: str) -> Admin:
@@ -85,6 +112,7 @@ def _read_admin_section(config_path: str) -> Admin:
     The master validates the whole file on reload and reports every error;
     nexusctl only needs to know where the socket is.
     """
+    from nexus.config.decode import convert_section
     from nexus.config.yaml_loader import _parse_yaml
 
     bypass = "or pass the socket with --socket PATH"
@@ -101,12 +129,13 @@ def _read_admin_section(config_path: str) -> Admin:
         # The loader's message starts with the path, which this one already names.
         problem = str(exc).removeprefix(f"{config_path}: ")
         raise ConfigFileError(
-            f"cannot read the admin socket path from {config_path}: {problem}; fix the file, {bypass}"
+            f"cannot read the admin socket path from {config_path}: {problem}. Fix the file (the master would "
+            f"reject it too), {bypass}"
         ) from None
     try:
-        return msgspec.convert(raw.get("admin") or {}, Admin)
-    except (ConfigError, msgspec.ValidationError) as exc:
-        raise ConfigFileError(f"invalid admin section in {config_path}: {exc}; fix it, {bypass}") from None
+        return convert_section(raw.get("admin") or {}, Admin, "admin")
+    except ConfigError as exc:
+        raise ConfigFileError(f"invalid config {config_path}: {exc}; fix it, {bypass}") from None
 
 
 def chosen_config(ctx: click.Context) -> str | None:
@@ -157,16 +186,25 @@ def admin_command(function: Callable[..., None]) -> Callable[..., None]:
         timeout: float,
         **kwargs: Any,
     ) -> None:
-        path = resolve_socket(socket_option or ctx.find_root().params.get("socket_option"), chosen_config(ctx))
-        client = AdminClient(path, timeout=timeout)
+        output = Output(as_json)
         try:
-            function(client=client, output=Output(as_json), **kwargs)
+            path, not_running_hint = resolve_socket(
+                socket_option or ctx.find_root().params.get("socket_option"), chosen_config(ctx)
+            )
+        except ConfigFileError as exc:
+            output.error(exc.message, exc.exit_code)
+            raise
+        client = AdminClient(path, timeout=timeout, not_running_hint=not_running_hint)
+        try:
+            function(client=client, output=output, **kwargs)
         except AdminClientError as exc:
+            output.error(exc.message, exc.exit_status)
             click.echo(f"nexusctl: {exc.message}", err=True)
             sys.exit(exc.exit_status)
 
     if wrapper.__doc__:
-        wrapper.__doc__ = wrapper.__doc__.rstrip() + "\n\n" + EXIT_STATUS_HELP
+        # Dedent first: the appended paragraph has no indent, so click would keep the docstring's.
+        wrapper.__doc__ = inspect.cleandoc(wrapper.__doc__) + "\n\n" + EXIT_STATUS_HELP
     return wrapper
 
 

@@ -70,9 +70,12 @@ class _UnixConnection(http.client.HTTPConnection):
 class AdminClient:
     """Sends requests to the admin API of the master listening on `path`."""
 
-    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT, not_running_hint: str | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        # Where the path came from and what to do when no master is there,
+        # such as "--config names no admin.socket, so this is the default".
+        self.not_running_hint = not_running_hint
 
     def call(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None) -> Any:
         """Send one request and return the decoded JSON result, or raise AdminClientError."""
@@ -112,6 +115,8 @@ class AdminClient:
         """Translate a socket error into what it means for the operator."""
         choose = "pass --socket PATH, or --config FILE to read admin.socket from the config"
         if isinstance(exc, FileNotFoundError):
+            if self.not_running_hint is not None:
+                return AdminClientError(f"master not running: no admin socket at {self.path}. {self.not_running_hint}.", EXIT_NOT_RUNNING)
             return AdminClientError(
                 f"master not running: no admin socket at {self.path}. Start it (systemctl start nexus, or "
                 f"nexus run --config FILE), or, if it runs with another socket, {choose}.",

@@ -49,6 +49,8 @@ def reload(client: AdminClient, output: Output) -> None:
         # A master older than the config_path field in the reload reply.
         result["config_path"] = client.call("GET", "/status").get("config_path")
     output.show(result, lambda result: _action_text("reloaded", result))
+    for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+        click.echo(f"nexusctl: warning: {warning}", err=True)
     reloaded = result.get("config_path") if isinstance(result, dict) else None
     note = _other_config_note(chosen_config(click.get_current_context()), reloaded)
     if note is not None:

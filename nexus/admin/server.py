@@ -16,7 +16,6 @@ at-fork hook closes them in every child the master forks.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import socketserver
 import threading

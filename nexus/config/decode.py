@@ -30,6 +30,14 @@ def _convert(raw: dict[Any, Any]) -> Config:
         raise ConfigError(_explain(raw, Config, str(exc), _KeyPath())) from None
 
 
+def convert_section(raw: Any, type_: type, name: str) -> Any:
+    """Convert one top-level section `name` of parsed YAML alone, with the same messages as `_convert`."""
+    try:
+        return msgspec.convert(raw, type_, dec_hook=_decode_units)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(raw, type_, str(exc), _KeyPath().field(name))) from None
+
+
 class _KeyPath(NamedTuple):
     """The location of a value: its path as shown to users, and a pattern for `_EXPECTED`.
 

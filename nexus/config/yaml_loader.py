@@ -64,7 +64,13 @@ def _parse_yaml(text: bytes | str, source: str) -> dict[Any, Any]:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 
     if raw is None:
-        return {}
+        # An empty file is far more often a truncated or half-written one than
+        # a wish for the defaults (every interface, port 8080, no routes), and
+        # a reload must never swap a working config for it.
+        raise ConfigError(
+            f"{source}: the config is empty (no keys, or only comments): give at least upstreams and routes, "
+            "as in examples/quickstart.yaml"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{source}: expected a mapping of config keys such as listen and upstreams at the top level, "

@@ -167,6 +167,24 @@ def test_invalid_config_changes_nothing(upstream_factory, gateway_factory):
     assert (status["generation"], status["reloads"], status["reloads_failed"]) == (1, 0, 2)
 
 
+def test_empty_config_changes_nothing(upstream_factory, gateway_factory):
+    # A config file truncated by an editor or a deploy must not become a
+    # gateway with no routes on every interface.
+    upstream = upstream_factory("a")
+    gateway = gateway_factory(_config(upstream.url))
+    admin = _admin(gateway)
+    workers = child_pids(gateway.process.pid)
+    gateway.config_path.write_text("")
+
+    with pytest.raises(AdminClientError) as raised:
+        admin.call("POST", "/reload")
+    assert raised.value.status == 422, str(raised.value)
+    assert "the config is empty" in str(raised.value)
+    assert child_pids(gateway.process.pid) == workers
+    assert get(gateway.addresses[0], "/echo")[0] == 200
+    assert admin.call("GET", "/status")["generation"] == 1
+
+
 def test_listen_address_added_then_removed(upstream_factory, gateway_factory):
     upstream = upstream_factory("a")
     gateway = gateway_factory(_config(upstream.url))

@@ -72,6 +72,16 @@ def test_service_settings() -> None:
     assert settings["Service.User"] == ["nexus"]
 
 
+def test_invalid_config_exit_prevents_restart(tmp_path: Path) -> None:
+    # systemd must not restart a master that a restart cannot fix.
+    config = tmp_path / "nexus.yaml"
+    config.write_text("wrokers: 2\n")
+    started = subprocess.run([sys.executable, "-m", "nexus", "run", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "wrokers: unknown key" in started.stderr
+    prevented = unit_settings(UNITS / "nexus.service")["Service.RestartPreventExitStatus"][0].split()
+    assert str(started.returncode) in prevented, (started.returncode, prevented)
+
+
 def test_socket_settings() -> None:
     settings = unit_settings(UNITS / "nexus.socket")
     assert settings["Socket.ListenStream"] == ["0.0.0.0:8080", "[::]:8080"]
@@ -327,6 +337,27 @@ def test_socket_activation_serves_passed_socket(socket_dir: Path, upstream_facto
     assert get(f"127.0.0.1:{port}", "/status/200")[0] == 200
     status = run_nexusctl("status", "--socket", str(socket_dir / "admin.sock"))
     assert status.returncode == 0, status.stderr
+
+
+def test_socket_activation_warns_of_listen_change(socket_dir: Path, upstream_factory, start_master) -> None:
+    upstream = upstream_factory("app")
+    passed = passed_listener()
+    port = passed.getsockname()[1]
+    config = write_config(socket_dir, upstream.url, listen=f"127.0.0.1:{port}")
+    with passed:
+        master = start_master(config, {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}, [passed])
+    wait_for(
+        lambda: len(master.worker_pids()) == 2 or master.process.poll() is not None, 20, message="2 workers serving"
+    )
+
+    config.write_text(config.read_text().replace(f"127.0.0.1:{port}", "127.0.0.1:1"))
+    reload = run_nexusctl("reload", "--socket", str(socket_dir / "admin.sock"))
+    # The reload goes on with the passed socket, and says that `listen` was not applied.
+    assert reload.returncode == 0, reload.stderr
+    assert "nexusctl: warning: listen changed, but this master serves the sockets systemd passed" in reload.stderr
+    assert "ListenStream=" in reload.stderr
+    assert "reload: listen changed" in master.log()
+    assert get(f"127.0.0.1:{port}", "/status/200")[0] == 200
 
 
 def test_socket_activation_survives_upgrade(socket_dir: Path, upstream_factory, start_master) -> None:

@@ -94,6 +94,28 @@ def test_failed_upgrade_rolls_back(upstream_factory, gateway_factory, record_pro
     assert gateway.stop() == 0
 
 
+def test_upgrade_with_invalid_config_is_rejected(upstream_factory, gateway_factory):
+    # The new master would read the same file and fail; the old one checks
+    # it first and names the reason, as a reload does.
+    upstream = upstream_factory("a")
+    gateway = gateway_factory(_config(upstream.url))
+    admin = _admin(gateway)
+    workers = child_pids(gateway.process.pid)
+    gateway.config_path.write_text(gateway.config_path.read_text() + "wrokers: 1\n")
+
+    with pytest.raises(AdminClientError) as raised:
+        admin.call("POST", "/upgrade")
+    message = str(raised.value)
+    assert raised.value.status == 422, message
+    assert f"upgrade rejected: invalid config {gateway.config_path}: wrokers: unknown key" in message
+    assert "generation 1 keeps serving; fix the file and upgrade again" in message
+    assert "new master started" not in gateway.log()
+    assert child_pids(gateway.process.pid) == workers
+    status = admin.call("GET", "/status")
+    assert (status["pid"], status["generation"], status["upgrades_failed"]) == (gateway.process.pid, 1, 1)
+    assert get(gateway.addresses[0], "/echo")[0] == 200
+
+
 # Runs `nexus run` as systemd would with a socket unit: the listening socket
 # at descriptor 3 and LISTEN_FDS/LISTEN_PID naming this very process.
 _ACTIVATED_START = """
