@@ -58,7 +58,7 @@ TARGET_RATIO = 0.95
 KINDS = ("off", "on")
 
 
-def config_text(kind: str, upstream_port: int, workdir: Path) -> str:
+def config_text(kind: str, upstream_port: int, workdir: Path, log_dir: Path) -> str:
     socket = json.dumps(str(workdir / f"admin-{kind}.sock"))
     head = (
         'listen: ["127.0.0.1:0"]\nworkers: 1\n'
@@ -67,7 +67,7 @@ def config_text(kind: str, upstream_port: int, workdir: Path) -> str:
     )
     if kind == "off":
         return head + f"admin: {{socket: {socket}, metrics: null}}\nusage: false\n"
-    access_log = json.dumps(str(workdir / "access.log"))
+    access_log = json.dumps(str(log_dir / "access.log"))
     return head + (
         f'admin: {{socket: {socket}, metrics: "127.0.0.1:{free_port()}"}}\n'
         f"access_log: {{path: {access_log}, sample: 100%}}\nusage: true\n"
@@ -103,6 +103,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration (default 3)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument(
+        "--log-dir", type=Path, help="directory for the access log (default: the run's temporary directory)"
+    )
     parser.add_argument("--master-cpu", type=int, help="pin both masters, all threads, to this CPU (default: not pinned)")
     args = parser.parse_args()
 
@@ -112,10 +115,12 @@ def main() -> int:
     cpu: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory(prefix="nexus-obs-") as name, Services(Path(name)) as services:
         workdir = Path(name)
+        log_dir = args.log_dir or workdir
+        (log_dir / "access.log").unlink(missing_ok=True)
         upstream_port = free_port()
         start_nginx(services, "upstream", upstream_nginx_conf(workdir, upstream_port), upstream_port, "1")
         gateways = {
-            kind: start_nexus(services, upstream_port, 1, config_text(kind, upstream_port, workdir), name=f"nexus-{kind}")
+            kind: start_nexus(services, upstream_port, 1, config_text(kind, upstream_port, workdir, log_dir), name=f"nexus-{kind}")
             for kind in KINDS
         }
         if args.master_cpu is not None:
@@ -138,7 +143,7 @@ def main() -> int:
                         raise BenchmarkError(f"{kind}: {result.errors} failed requests in run {run + 1}:\n{result.output}")
                     results[kind].append(result.requests_per_second)
                     print(f"run {run + 1} {kind:3s} {result.requests_per_second:10.0f} req/s", flush=True)
-        lines = sum(1 for _ in (workdir / "access.log").open())
+        lines = sum(1 for _ in (log_dir / "access.log").open())
         dropped = re.search(r"^nexus_ring_dropped_records_total (\S+)$", _scrape(metrics.group(1)), re.MULTILINE)
     print(_report(results, cpu, args, lines, scraper.scrapes, str(int(float(dropped.group(1)))) if dropped else "?"))
     return 0

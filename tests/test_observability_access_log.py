@@ -7,7 +7,16 @@ import json
 import pytest
 
 from nexus.config import parse_config
-from nexus.observability.access_log import INVALIDATE_KIND, AccessLogWriter, AccessRecorder, Names, decode, push_with_text
+from nexus.observability.access_log import (
+    INVALIDATE_KIND,
+    AccessLogWriter,
+    AccessRecorder,
+    Names,
+    decode,
+    format_lines,
+    push_with_text,
+    split,
+)
 from nexus.observability.usage import UsageTable
 from nexus.shm.ring import RingSet
 
@@ -155,20 +164,20 @@ def test_writer_samples_but_keeps_errors(rings, tmp_path):
     recorder = AccessRecorder(rings[0], names)
     for status in (200, 502, 200, 500, 200):
         assert record(recorder, status=status, request_id="r")
-    records = decode(rings[0].drain(), 0, names)
+    entries = split(rings[0].drain(), 0)
     path = tmp_path / "access.log"
     writer = AccessLogWriter(str(path), 0.0, always_log_errors=True)
-    assert writer.write(records) == 2
+    assert writer.write(entries, 0, names) == 2
     writer.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["status"] for line in lines] == [502, 500]
 
     quiet = AccessLogWriter(str(tmp_path / "none.log"), 0.0, always_log_errors=False)
-    assert quiet.write(records) == 0
+    assert quiet.write(entries, 0, names) == 0
     quiet.close()
 
     half = AccessLogWriter(str(tmp_path / "half.log"), 0.5, always_log_errors=False)
-    written = sum(half.write(records) for _ in range(400))
+    written = sum(half.write(entries, 0, names) for _ in range(400))
     half.close()
     assert 800 < written < 1200  # 2000 records at 50%
 
@@ -179,11 +188,11 @@ def test_writer_reopens_after_rename(rings, tmp_path):
     path = tmp_path / "access.log"
     writer = AccessLogWriter(str(path), 1.0, always_log_errors=True)
     record(recorder, request_id="before")
-    writer.write(decode(rings[0].drain(), 0, names))
+    writer.write(split(rings[0].drain(), 0), 0, names)
     path.rename(tmp_path / "access.log.1")
     writer.reopen()
     record(recorder, request_id="after")
-    writer.write(decode(rings[0].drain(), 0, names))
+    writer.write(split(rings[0].drain(), 0), 0, names)
     writer.close()
     assert json.loads((tmp_path / "access.log.1").read_text())["request_id"] == "before"
     assert json.loads(path.read_text())["request_id"] == "after"
@@ -197,7 +206,7 @@ def test_usage_by_consumer_and_route(rings):
     record(recorder, status=429, consumer=None)
     record(recorder, status=503, route="orders", duration_ns=900_000_000)
     table = UsageTable()
-    table.add(decode(rings[0].drain(), 0, names))
+    table.add(split(rings[0].drain(), 0), names)
     usage = table.snapshot()
     acme, anonymous = usage["consumers"]
     assert acme["name"] == "acme"
@@ -210,3 +219,21 @@ def test_usage_by_consumer_and_route(rings):
     assert 0.9 <= acme["latency_s"]["p99"] < 1.08
     assert [route["name"] for route in usage["routes"]] == ["catalog", "orders"]
     assert table.snapshot(limit=1)["routes"][0]["requests"] == 11
+
+
+def test_durations_are_capped_and_zero_upstream_kept(rings):
+    names = Names(CONFIG)
+    recorder = AccessRecorder(rings[0], names)
+    assert record(recorder, duration_ns=2**45, upstream_ns=0)
+    [entry] = decode(rings[0].drain(), 0, names)
+    # 32 bits of microseconds: a little over 71 minutes.
+    assert entry["duration_s"] == (2**32 - 1) / 1e6
+    assert entry["upstream_s"] == 0.0
+
+
+@pytest.mark.parametrize("trace_id", [2**128, -1])
+def test_trace_id_outside_128_bits_raises(rings, trace_id):
+    recorder = AccessRecorder(rings[0], Names(CONFIG))
+    with pytest.raises(OverflowError):
+        record(recorder, trace_id=trace_id)
+    assert rings[0].counts().published == 0

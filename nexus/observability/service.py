@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from nexus.config import Config, parse_listen_address
 from nexus.master_fds import close_in_children, keep_in_children
-from nexus.observability.access_log import AccessLogWriter, Names, decode
+from nexus.observability.access_log import AccessLogWriter, Names, split
 from nexus.observability.exposition import NexusCollector
 from nexus.observability.metrics_http import start_metrics_server
 from nexus.observability.usage import UsageTable
@@ -191,11 +191,11 @@ class ObservabilityService:
         rows = ring.drain()
         if not rows:
             return 0
-        records = decode(rows, worker, names, self.ring_handlers)
-        self.usage.add(records)
+        entries = split(rows, worker, self.ring_handlers)
+        self.usage.add(entries, names)
         if self.writer is not None:
-            self.writer.write(records)
-        return len(records)
+            self.writer.write(entries, worker, names)
+        return len(entries)
 
     def _ring_sources(self) -> dict[tuple[int, int], tuple[Config, Any, range]]:
         """Return the live generations' rings, keyed by (ring set, first slot)."""

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from nexus.observability.access_log import AccessRecord
+from nexus.observability.access_log import Entry, Names
 
 __all__ = ["LATENCY_BOUNDS_US", "UsageRow", "UsageTable"]
 
@@ -27,7 +27,6 @@ NO_ROUTE = "(none)"
 
 # Bucket upper bounds in microseconds: 50 us to about 120 s, each 1.19 times the last.
 LATENCY_BOUNDS_US = tuple(round(50 * 1.19**step) for step in range(85))
-_LATENCY_BOUNDS_S = tuple(bound / 1e6 for bound in LATENCY_BOUNDS_US)
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -44,17 +43,16 @@ class UsageRow:
         self.bytes_sent = 0
         self.buckets = [0] * (len(LATENCY_BOUNDS_US) + 1)
 
-    def add(self, record: AccessRecord) -> None:
-        self.requests += 1
-        status = record["status"]
+    def add(self, status: int, bucket: int, count: int) -> None:
+        """Count `count` responses with `status` whose latency falls in `bucket`."""
+        self.requests += count
         if status >= 500:
-            self.errors += 1
+            self.errors += count
         elif status == 429:
-            self.rate_limited += 1
+            self.rate_limited += count
         elif status >= 400:
-            self.client_errors += 1
-        self.bytes_sent += record["bytes"]
-        self.buckets[bisect.bisect_left(_LATENCY_BOUNDS_S, record["duration_s"])] += 1
+            self.client_errors += count
+        self.buckets[bucket] += count
 
     def quantile(self, share: float) -> float | None:
         """Estimate the `share` quantile of the latency in seconds (the upper bound of its bucket)."""
@@ -91,20 +89,35 @@ class UsageTable:
         self.records = 0
         self.started = time.time()
 
-    def add(self, records: Iterable[AccessRecord]) -> None:
+    def add(self, entries: Iterable[Entry], names: Names) -> None:
+        """Count access `entries` whose ids are those of `names`."""
+        # The drain passes thousands of entries a second, most alike: count
+        # them by (consumer id, route id, status, latency bucket) first, then
+        # add each distinct key to its two rows.
+        counts: dict[tuple[int, int, int, int], int] = {}
+        sent: dict[tuple[int, int], int] = {}
+        for (head, _, parties, bytes_sent, durations, _, _, _), _ in entries:
+            parties_key = (parties & 0xFFFF_FFFF, (head >> 32) & 0xFFFF)
+            key = (*parties_key, (head >> 16) & 0xFFFF, bisect.bisect_left(LATENCY_BOUNDS_US, durations & 0xFFFF_FFFF))
+            counts[key] = counts.get(key, 0) + 1
+            sent[parties_key] = sent.get(parties_key, 0) + bytes_sent
+
         with self._lock:
-            for record in records:
-                self.records += 1
-                consumer = record["consumer"] or ANONYMOUS
-                row = self.consumers.get(consumer)
-                if row is None:
-                    row = self.consumers[consumer] = UsageRow()
-                row.add(record)
-                route = record["route"] or NO_ROUTE
-                row = self.routes.get(route)
-                if row is None:
-                    row = self.routes[route] = UsageRow()
-                row.add(record)
+            for (consumer, route, status, bucket), count in counts.items():
+                self.records += count
+                self._consumer(names, consumer).add(status, bucket, count)
+                self._route(names, route).add(status, bucket, count)
+            for (consumer, route), bytes_sent in sent.items():
+                self._consumer(names, consumer).bytes_sent += bytes_sent
+                self._route(names, route).bytes_sent += bytes_sent
+
+    def _consumer(self, names: Names, consumer: int) -> UsageRow:
+        name = (names.consumers[consumer] or ANONYMOUS) if consumer < len(names.consumers) else f"#{consumer}"
+        return _row(self.consumers, name)
+
+    def _route(self, names: Names, route: int) -> UsageRow:
+        name = (names.routes[route] or NO_ROUTE) if route < len(names.routes) else f"#{route}"
+        return _row(self.routes, name)
 
     def snapshot(self, limit: int | None = None) -> dict:
         """Return usage as JSON: consumers and routes, busiest first, at most `limit` of each."""
@@ -119,6 +132,13 @@ class UsageTable:
             "consumers": consumers,
             "routes": routes,
         }
+
+
+def _row(rows: dict[str, UsageRow], name: str) -> UsageRow:
+    row = rows.get(name)
+    if row is None:
+        row = rows[name] = UsageRow()
+    return row
 
 
 def _ranked(rows: dict[str, UsageRow], limit: int | None) -> list[dict]:

@@ -56,6 +56,15 @@ class Ring:
         """Return `push` as one native call with this ring bound, for a producer's hot path."""
         return functools.partial(_native.ring_push, self._region, self._offset, self.capacity)
 
+    def access_pusher(self) -> Callable[..., bool]:
+        """Return the native access-record push with this ring bound (`nexus.observability.access_log`).
+
+        It takes (head, started_ns, parties, bytes_sent, duration_ns,
+        upstream_ns or None, trace_id, flags) and packs the durations and the
+        128-bit trace id in C, which in Python took most of a record's cost.
+        """
+        return functools.partial(_native.ring_push_access, self._region, self._offset, self.capacity)
+
     def drain(self, limit: int | None = None) -> list[tuple[int, ...]]:
         """Consume up to `limit` records (all pending ones by default), oldest first."""
         raw = _native.ring_drain(self._region, self._offset, self.capacity, self.capacity if limit is None else limit)

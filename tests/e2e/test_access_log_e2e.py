@@ -80,6 +80,19 @@ def test_records_carry_every_field(tmp_path, upstream_factory, gateway_factory):
     assert second["request_id"] == second["trace_id"]
 
 
+def test_access_log_to_stderr(tmp_path, upstream_factory, gateway_factory):
+    upstream = upstream_factory("app")
+    gateway = gateway_factory(keyed_config(upstream.url, admin_socket_dir(tmp_path) / "a.sock", {"path": "-"}))
+    assert send(gateway.url, "/status/204", headers=[("x-request-id", "to-stderr")]).status == 204
+
+    def logged() -> list[dict]:
+        return [json.loads(line) for line in gateway.log().splitlines() if line.startswith('{"time":')]
+
+    wait_for(lambda: len(logged()) == 1, 5, message="one access log line among the master's output")
+    [line] = logged()
+    assert (line["request_id"], line["status"], line["route"]) == ("to-stderr", 204, "status")
+
+
 def test_cached_route_records_the_target_and_its_duration(tmp_path, upstream_factory, gateway_factory):
     upstream = upstream_factory("app")
     log_path = tmp_path / "access.log"

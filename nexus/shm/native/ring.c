@@ -54,6 +54,20 @@ static int ring_from(PyObject *const *args, Ring *ring)
     return 0;
 }
 
+/* Copy `record` into the ring and publish it; 0 if the ring was full (the drop is counted). */
+static int publish(Ring *ring, const uint64_t record[RECORD_WORDS])
+{
+    uint64_t head = nx_load_relaxed(ring->head);
+    uint64_t tail = nx_load(ring->tail);
+    if (head - tail >= ring->capacity) {
+        nx_store(ring->dropped, nx_load_relaxed(ring->dropped) + 1);
+        return 0;
+    }
+    memcpy(ring->records + (head & (ring->capacity - 1)) * RECORD_WORDS, record, RECORD_WORDS * 8);
+    nx_store(ring->head, head + 1);
+    return 1;
+}
+
 /* ring_push(region, offset, capacity, word0, ..., word7) -> bool
  * Missing trailing words are stored as 0. */
 static PyObject *ring_push(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -70,15 +84,56 @@ static PyObject *ring_push(PyObject *module, PyObject *const *args, Py_ssize_t n
         if (nx_as_u64(args[i], &record[i - 3]) < 0)
             return NULL;
 
-    uint64_t head = nx_load_relaxed(ring.head);
-    uint64_t tail = nx_load(ring.tail);
-    if (head - tail >= ring.capacity) {
-        nx_store(ring.dropped, nx_load_relaxed(ring.dropped) + 1);
-        Py_RETURN_FALSE;
+    return PyBool_FromLong(publish(&ring, record));
+}
+
+#define MASK32 0xFFFFFFFFull
+
+/* ring_push_access(region, offset, capacity, head, started_ns, parties,
+ *                  bytes_sent, duration_ns, upstream_ns, trace_id, flags) -> bool
+ * Publish one access record (layout in nexus/observability/access_log.py):
+ * the words Python cannot pack without big-integer arithmetic are packed
+ * here. upstream_ns is an int or None; trace_id is the 128-bit trace id. */
+static PyObject *ring_push_access(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Ring ring;
+    uint64_t record[RECORD_WORDS] = {0};
+    uint64_t duration_ns, upstream_ns = 0;
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "ring_push_access() takes 11 arguments (%zd given)", nargs);
+        return NULL;
     }
-    memcpy(ring.records + (head & (ring.capacity - 1)) * RECORD_WORDS, record, sizeof record);
-    nx_store(ring.head, head + 1);
-    Py_RETURN_TRUE;
+    if (ring_from(args, &ring) < 0 || nx_as_u64(args[3], &record[0]) < 0 || nx_as_u64(args[4], &record[1]) < 0
+        || nx_as_u64(args[5], &record[2]) < 0 || nx_as_u64(args[6], &record[3]) < 0 || nx_as_u64(args[7], &duration_ns) < 0
+        || (args[8] != Py_None && nx_as_u64(args[8], &upstream_ns) < 0) || nx_as_u64(args[10], &record[7]) < 0)
+        return NULL;
+    if (!PyLong_Check(args[9])) {
+        PyErr_Format(PyExc_TypeError, "trace_id must be an int, got %.100s", Py_TYPE(args[9])->tp_name);
+        return NULL;
+    }
+    /* The trace id's two halves, through the public API only (the byte
+     * conversion changed its signature in Python 3.13). */
+    PyObject *sixty_four = PyLong_FromLong(64);
+    PyObject *high = sixty_four ? PyNumber_Rshift(args[9], sixty_four) : NULL;
+    Py_XDECREF(sixty_four);
+    if (high == NULL)
+        return NULL;
+    /* Raises OverflowError for a negative id or one past 128 bits. */
+    record[5] = PyLong_AsUnsignedLongLong(high);
+    Py_DECREF(high);
+    if (record[5] == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    record[6] = PyLong_AsUnsignedLongLongMask(args[9]);
+    if (record[6] == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+
+    /* Microseconds, capped to 32 bits; upstream + 1 so that 0 means none. */
+    uint64_t total_us = duration_ns / 1000 < MASK32 ? duration_ns / 1000 : MASK32;
+    uint64_t upstream_us = 0;
+    if (args[8] != Py_None)
+        upstream_us = upstream_ns / 1000 + 1 < MASK32 ? upstream_ns / 1000 + 1 : MASK32;
+    record[4] = total_us | upstream_us << 32;
+    return PyBool_FromLong(publish(&ring, record));
 }
 
 /* ring_drain(region, offset, capacity, limit) -> bytes
@@ -134,6 +189,9 @@ static PyObject *ring_counts(PyObject *module, PyObject *const *args, Py_ssize_t
 PyMethodDef nx_ring_methods[] = {
     {"ring_push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL,
      "ring_push(region, offset, capacity, *words) -> bool: publish one record of up to 8 words, False if full."},
+    {"ring_push_access", (PyCFunction)(void (*)(void))ring_push_access, METH_FASTCALL,
+     "ring_push_access(region, offset, capacity, head, started_ns, parties, bytes_sent, duration_ns, upstream_ns, "
+     "trace_id, flags) -> bool: publish one access record, False if full."},
     {"ring_drain", (PyCFunction)(void (*)(void))ring_drain, METH_FASTCALL,
      "ring_drain(region, offset, capacity, limit) -> bytes: consume up to limit records."},
     {"ring_counts", (PyCFunction)(void (*)(void))ring_counts, METH_FASTCALL,
