@@ -44,7 +44,10 @@ def _load_or_exit(path: str):
         message = str(exc)
         # Messages about the file itself already start with its path.
         prefix = "" if message.startswith(path) else f"{path}: "
-        click.echo(f"nexus: invalid config {prefix}{message}", err=True)
+        # `nexusctl check` shares this: name the program that was run.
+        program = click.get_current_context(silent=True)
+        name = program.find_root().command.name if program is not None else None
+        click.echo(f"{name or 'nexus'}: invalid config {prefix}{message}", err=True)
         sys.exit(2)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from nexus import handoff
 from nexus.admin import AdminServer, AdminSocketError
-from nexus.config import Config, ConfigError, load_config
+from nexus.config import Config, ConfigError, load_config, parse_listen_address
 from nexus.generation import Counters, Generation, GenerationState, SlotRestarts, Worker
 from nexus.health import HealthChecker
 from nexus.listeners import Listener, bind_listeners
@@ -264,11 +264,16 @@ class Master(UpgradeSteps):
         try:
             activated = activated_sockets()
         except SocketActivationError as exc:
-            raise StartError(str(exc)) from None
+            # Exit status 2, as for an invalid config: the socket unit is
+            # wrong, and systemd must not restart into the same error.
+            raise StartError(str(exc), status=2) from None
         if activated:
             self._activated_fds = {passed.fd for passed in activated}
             self._activated = [passed.listener for passed in activated]
             log.info("serving the sockets systemd passed; `listen` in the config is not used")
+            passed_addresses = self._listen_mismatch(self.config)
+            if passed_addresses is not None:
+                log.warning("listen %s differs from the sockets systemd passed (%s): serving those", ", ".join(self.config.listen), passed_addresses)
             return [passed.listener for passed in activated]
         try:
             return bind_listeners(self.config.listen)
@@ -445,6 +450,10 @@ class Master(UpgradeSteps):
         try:
             request.finish(result=handlers[request.action]())
         except AdminError as exc:
+            # A refusal (409: drained, address in use) is logged nowhere else,
+            # and a request from a signal has no caller to see it.
+            if exc.status == 409:
+                log.warning("%s refused: %s", request.action, exc.message)
             request.finish(error=exc)
         except Exception as exc:
             log.exception("%s failed", request.action)
@@ -852,16 +861,35 @@ class Master(UpgradeSteps):
                 f"(generation {self.generation} keeps serving; fix the file and {action} again)",
             ) from None
 
-    def _reload_warnings(self, config: Config) -> list[str]:
-        """Log and return what of `config` a reload cannot apply; the reload goes on without it."""
+    def _config_warnings(self, config: Config, action: str) -> list[str]:
+        """Return what of `config` `action` (reload, upgrade) cannot apply: other table sizes, other listen addresses.
+
+        The action goes on without it.
+        """
         warnings = []
         if config.shared_memory != self._sizes_in_effect:
-            warnings.append("shared_memory sizes differ from those in effect: they apply at the next restart, not on reload")
-        if self._activated and self._active is not None and config.listen != self._active.config.listen:
+            warnings.append(f"shared_memory sizes differ from those in effect: they apply at the next restart, not on {action}")
+        passed = self._listen_mismatch(config)
+        if passed is not None:
             warnings.append(
-                "listen changed, but this master serves the sockets systemd passed (socket activation), so it still "
-                "listens on the same addresses: change ListenStream= in nexus.socket and restart the socket unit"
+                f"listen {', '.join(config.listen)} differs from the sockets systemd passed ({passed}), which this "
+                "master serves whatever listen says: change ListenStream= in nexus.socket and restart the socket "
+                "unit, or make listen match"
             )
+        return warnings
+
+    def _listen_mismatch(self, config: Config) -> str | None:
+        """Under socket activation, return the passed addresses if `config.listen` names others, else None."""
+        if not self._activated:
+            return None
+        passed = {parse_listen_address(listener.requested) for listener in self._activated}
+        if {parse_listen_address(address) for address in config.listen} == passed:
+            return None
+        return ", ".join(listener.requested for listener in self._activated)
+
+    def _reload_warnings(self, config: Config) -> list[str]:
+        """Log and return what of `config` a reload cannot apply; the reload goes on without it."""
+        warnings = self._config_warnings(config, "reload")
         for warning in warnings:
             log.warning("reload: %s", warning)
         return warnings

@@ -26,7 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from nexus import handoff
+from nexus.config.decode import convert_section
+from nexus.config.model import SharedMemory
 from nexus.generation import Generation
 from nexus.listeners import Listener
 from nexus.sd_notify import Watchdog
@@ -69,8 +73,9 @@ class UpgradeSteps:
         try:
             # The new master reads the same file: a config it would reject is
             # rejected here, with the reason, instead of as a failed start.
+            warnings: list[str] = []
             if self.config_path is not None:
-                self._read_config("upgrade")
+                warnings = self._config_warnings(self._read_config("upgrade"), "upgrade")
             new_master = self._start_new_master()
             reply = self._hand_over(new_master)
         except AdminError as exc:
@@ -84,7 +89,10 @@ class UpgradeSteps:
         self.state = MasterState.STOPPING
         self._exit_status = 0
         log.info("upgrade done: new master pid=%d generation=%d serves, this master drains and exits", new_master.pid, reply["generation"])
-        return {"pid": new_master.pid, "previous_pid": os.getpid(), "generation": reply["generation"]}
+        result: dict[str, Any] = {"pid": new_master.pid, "previous_pid": os.getpid(), "generation": reply["generation"]}
+        if warnings:
+            result["warnings"] = warnings
+        return result
 
     def _start_new_master(self) -> NewMaster:
         """Fork and exec this program again with the upgrade socket at descriptor 3."""
@@ -125,6 +133,10 @@ class UpgradeSteps:
             handoff.send(new_master.sock, {"type": "commit", "services": inherited})
         except (handoff.HandoffError, OSError) as exc:
             reason = str(exc) if isinstance(exc, handoff.HandoffError) else f"upgrade socket: {exc.strerror or exc}"
+            exited = _exit_status(new_master)
+            if exited is not None:
+                # The socket failed because the new master died, so name that.
+                reason = f"it exited ({describe_wait_status(exited)}) before it was ready"
             self._rollback(new_master, reason)
             self._restart_own_services()
             raise AdminError(
@@ -164,6 +176,8 @@ class UpgradeSteps:
                 "upgrades_failed": self._counters.upgrades_failed,
             },
             "activated": [listener.requested for listener in active.listeners if listener.fileno() in self._activated_fds],
+            # The segments keep their sizes: the new master must know them, not its config's.
+            "shared_memory": msgspec.to_builtins(self._sizes_in_effect),
         }
         listeners = {listener.requested: listener.fileno() for listener in active.listeners}
         handoff.send_state(sock, header, listeners, self.shared.fds(), retired)
@@ -257,6 +271,10 @@ class UpgradeSteps:
             raise StartError(f"cannot map the old master's shared memory: {exc}") from None
         self._metric_tables.append((current_layout, self.shared.metrics))
         self._shape = header["shape"]
+        if "shared_memory" in header:
+            self._sizes_in_effect = convert_section(header["shared_memory"], SharedMemory, "shared_memory")
+            for warning in self._config_warnings(self.config, "upgrade"):
+                log.warning("upgrade: %s", warning)
         self._bank_base = header["slot_base"]
         self.generation = header["generation"]
         self.node_id = node_id(self.config, self._spare_listeners)
@@ -304,3 +322,21 @@ class UpgradeSteps:
         self._ready_notified = True
         self._notifier.ready(self._status_line())
         log.info("master started pid=%d workers=%d generation=%d took_over_from=%d", os.getpid(), len(self._active.slots), self.generation, old_pid)
+
+
+def _exit_status(new_master: NewMaster, wait: float = 0.5) -> int | None:
+    """Return the wait status of `new_master` if it exits within `wait` seconds (and reap it), else None."""
+    if new_master.status is not None:
+        return new_master.status
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pid, status = os.waitpid(new_master.pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if pid:
+            new_master.status = status
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)

@@ -81,6 +81,8 @@ class UpstreamPool:
         self._first_slot = first_slot
         self._ejections = [_Ejection() for _ in self.targets]
         self._worker_id = worker_id
+        # Whether the last choice found no target up and chose among all (logged once per spell).
+        self._failing_open = False
         # p2c_ewma starts a target with no request latency of its own from the
         # probes' average in the shared health table, so a new worker does not
         # treat a slow target and a fast one alike.
@@ -144,9 +146,36 @@ class UpstreamPool:
         if self._unseeded:
             self._seed_latency()
         if not candidates:
+            candidates = self._fail_open(exclude)
+        elif self._failing_open:
+            self._failing_open = False
+            log.info("a target is up again: requests go to healthy targets only worker=%d upstream=%s", self._worker_id, self.name)
+        if not candidates:
             tried = f" ({len(exclude)} already tried)" if exclude else ""
             raise NoHealthyTarget(f"upstream {self.name!r} has no healthy target{tried}", upstream=self.name)
         return self.targets[self.balancer.pick(candidates, key)]
+
+    def _fail_open(self, exclude: set[int]) -> list[int]:
+        """With no target up, return every target not tried yet (health.fail_open), else none.
+
+        Health checks that are too strict, or a probe path that broke while
+        the service works, would otherwise take the whole upstream out of
+        service. Failing open turns a real outage into upstream errors
+        (502, 504) rather than 503s, which retries and passive ejection
+        still limit.
+        """
+        # Without active checks only passive ejections take targets out,
+        # and those fail open as well.
+        if self.spec.health is not None and not self.spec.health.fail_open:
+            return []
+        if not self._failing_open:
+            self._failing_open = True
+            log.warning(
+                "no target is up: sending requests to all targets until one is (health.fail_open) worker=%d upstream=%s",
+                self._worker_id,
+                self.name,
+            )
+        return [target.index for target in self.targets if target.index not in exclude]
 
     def _seed_latency(self) -> None:
         """Give targets without a latency sample the probes' moving average, once it exists."""

@@ -278,3 +278,11 @@ def test_reload_notes_other_config(served, socket_dir: Path) -> None:
     assert json.loads(result.stdout)["config_path"] == str(started_with)
     assert f"the master reloaded {started_with}, not {other}" in result.stderr
     assert "--config only locates the admin socket" in result.stderr
+
+
+def test_admin_checks_run_in_nexusctl(socket_dir: Path) -> None:
+    config = socket_dir / "nexus.yaml"
+    config.write_text("admin: {socket_mode: 0660}\n")
+    result = run_nexusctl("status", "--config", str(config))
+    assert result.returncode == 2
+    assert "admin.socket_mode: invalid value 432: YAML reads an unquoted mode as a number" in result.stderr

@@ -950,3 +950,10 @@ def test_parse_listen_address_rejects(address: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_listen_address(address)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("path", ["sockdir/", "/run/nexus/", ".", "..", "run/."])
+def test_admin_socket_naming_a_directory_is_rejected(path: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f"admin: {{socket: {path!r}}}\n")
+    assert "names a directory: give a socket file in it, such as" in str(raised.value)

@@ -112,6 +112,7 @@ def _read_admin_section(config_path: str) -> Admin:
     The master validates the whole file on reload and reports every error;
     nexusctl only needs to know where the socket is.
     """
+    from nexus.config.checks import _check_admin
     from nexus.config.decode import convert_section
     from nexus.config.yaml_loader import _parse_yaml
 
@@ -133,9 +134,12 @@ def _read_admin_section(config_path: str) -> Admin:
             f"reject it too), {bypass}"
         ) from None
     try:
-        return convert_section(raw.get("admin") or {}, Admin, "admin")
+        admin = convert_section(raw.get("admin") or {}, Admin, "admin")
+        # The same checks as `nexus check`; `listen` is not read, so clashes with it are not.
+        _check_admin(admin, [])
     except ConfigError as exc:
         raise ConfigFileError(f"invalid config {config_path}: {exc}; fix it, {bypass}") from None
+    return admin
 
 
 def chosen_config(ctx: click.Context) -> str | None:

@@ -49,8 +49,7 @@ def reload(client: AdminClient, output: Output) -> None:
         # A master older than the config_path field in the reload reply.
         result["config_path"] = client.call("GET", "/status").get("config_path")
     output.show(result, lambda result: _action_text("reloaded", result))
-    for warning in result.get("warnings", []) if isinstance(result, dict) else []:
-        click.echo(f"nexusctl: warning: {warning}", err=True)
+    _print_warnings(result)
     reloaded = result.get("config_path") if isinstance(result, dict) else None
     note = _other_config_note(chosen_config(click.get_current_context()), reloaded)
     if note is not None:
@@ -62,9 +61,13 @@ def reload(client: AdminClient, output: Output) -> None:
 def upgrade(client: AdminClient, output: Output) -> None:
     """Start a new master from the installed code and hand it the sockets; the old one drains and exits.
 
-    If the new master does not become ready in time, the old one keeps serving.
+    The config file is checked first, as for a reload: an invalid one is
+    rejected and nothing starts. If the new master does not become ready in
+    time, the old one keeps serving.
     """
-    output.show(client.call("POST", "/upgrade"), lambda result: _action_text("upgraded", result))
+    result = client.call("POST", "/upgrade")
+    output.show(result, lambda result: _action_text("upgraded", result))
+    _print_warnings(result)
 
 
 @click.command()
@@ -139,6 +142,12 @@ def _workers_table(workers_list: list[dict[str, Any]]) -> str:
         rows.append(row)
     headers = ["slot", "pid", "cpu", "gen", "state", "uptime", "requests", "restarts"]
     return format_table(headers, rows)
+
+
+def _print_warnings(result: Any) -> None:
+    """Print the warnings of a reload or upgrade result to stderr: what the master could not apply."""
+    for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+        click.echo(f"nexusctl: warning: {warning}", err=True)
 
 
 def _other_config_note(socket_config: str | None, reloaded: str | None) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -263,6 +264,9 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             pass
 
     def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.warning("admin connection closed by the client: %s", sys.exc_info()[1])
+            return
         log.exception("admin connection failed")
 
 
@@ -305,19 +309,31 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         status = HTTPStatus.INTERNAL_SERVER_ERROR
         try:
-            url = urlsplit(self.path)
-            handler = self._find_route(url.path)
-            query = _parse_query(url.query)
-            body = self._read_body()
-            result = msgspec.json.encode(handler(query, body))
-            status = HTTPStatus.OK
-            self._send(status, "application/json", result)
-        except AdminError as exc:
-            status = HTTPStatus(exc.status)
-            self._send_problem(status, exc.message)
-        except _RequestError as exc:
-            status = exc.status
-            self._send_problem(status, exc.detail, exc.headers)
+            try:
+                url = urlsplit(self.path)
+                handler = self._find_route(url.path)
+                query = _parse_query(url.query)
+                body = self._read_body()
+                result = msgspec.json.encode(handler(query, body))
+                status = HTTPStatus.OK
+                self._send(status, "application/json", result)
+            except AdminError as exc:
+                status = HTTPStatus(exc.status)
+                self._send_problem(status, exc.message)
+            except _RequestError as exc:
+                status = exc.status
+                self._send_problem(status, exc.detail, exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            # nexusctl gave up waiting (--timeout) before the master finished.
+            self.close_connection = True
+            log.warning(
+                "admin client left before the response method=%s path=%s status=%d peer_pid=%d",
+                self.command,
+                self.path,
+                status.value,
+                self.peer_pid,
+            )
+            return
         except Exception:
             log.exception("admin request failed method=%s path=%s", self.command, self.path)
             self._send_problem(status, "the admin request failed inside the master: see the master's log")

@@ -127,6 +127,11 @@ def _check_existing(path: str, replace_live: bool) -> None:
         info = os.lstat(path)
     except FileNotFoundError:
         return
+    if stat.S_ISDIR(info.st_mode):
+        raise AdminSocketError(
+            f"admin socket path {path} is a directory: set admin.socket to a socket file in it, such as "
+            f"{os.path.join(path, 'admin.sock')}"
+        )
     if not stat.S_ISSOCK(info.st_mode):
         raise AdminSocketError(
             f"admin socket path {path} exists and is not a socket: remove it or set admin.socket to another path"

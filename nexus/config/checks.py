@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +82,11 @@ def _check_access_log(path: str | None) -> None:
 def _check_admin(admin: Admin, listen: list[str]) -> None:
     if admin.socket is not None and not admin.socket.strip():
         raise ConfigError('admin.socket: empty path: give a Unix socket path, such as "/run/nexus/admin.sock", or null')
+    if admin.socket is not None and (admin.socket.endswith("/") or os.path.basename(admin.socket) in (".", "..")):
+        raise ConfigError(
+            f"admin.socket: {show_value(admin.socket)} names a directory: give a socket file in it, "
+            f"such as {show_value(os.path.join(admin.socket, 'admin.sock'))}"
+        )
     # sun_path holds 108 bytes with the terminating NUL; a relative path is
     # resolved against the config file's directory, so it can only grow.
     if admin.socket is not None and len(admin.socket.encode()) > 107:

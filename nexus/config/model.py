@@ -106,6 +106,9 @@ class HealthCheck(_Section):
     timeout: Duration = Duration(0.1)
     unhealthy_after: PositiveInt = 2
     healthy_after: PositiveInt = 2
+    # With every target down, send requests to all of them anyway, as nginx
+    # and Envoy's panic mode do, instead of answering 503 to everything.
+    fail_open: bool = True
 
 
 class PassiveHealth(_Section):

@@ -103,7 +103,7 @@ def test_all_targets_down_is_503(upstream_factory, gateway_factory, tmp_path):
     down_file = tmp_path / "down"
     down_file.write_text("")
     upstream = upstream_factory("app", unhealthy_file=str(down_file))
-    health = "    health: {path: /healthz, interval: 50ms, timeout: 50ms, unhealthy_after: 2, healthy_after: 2}"
+    health = "    health: {path: /healthz, interval: 50ms, timeout: 50ms, unhealthy_after: 2, healthy_after: 2, fail_open: false}"
     gateway = gateway_factory(_config([upstream.url], upstream_extra=health), workers=1)
     wait_for(lambda: "nexus.health target down " in gateway.log(), 5, message="the target to be marked down")
 
@@ -116,6 +116,25 @@ def test_all_targets_down_is_503(upstream_factory, gateway_factory, tmp_path):
     down_file.unlink()
     wait_for(lambda: "INFO nexus.health target up " in gateway.log(), 5, message="the target to be marked up")
     _assert_still_serving(gateway)
+
+
+def test_all_targets_down_fails_open(upstream_factory, gateway_factory, tmp_path):
+    # The probe path fails while the service itself works: with every
+    # target down, requests still go to them (health.fail_open, the default).
+    down_file = tmp_path / "down"
+    down_file.write_text("")
+    upstream = upstream_factory("app", unhealthy_file=str(down_file))
+    health = "    health: {path: /healthz, interval: 50ms, timeout: 50ms, unhealthy_after: 2, healthy_after: 2}"
+    gateway = gateway_factory(_config([upstream.url], upstream_extra=health), workers=1)
+    wait_for(lambda: "nexus.health target down " in gateway.log(), 5, message="the target to be marked down")
+
+    assert send(gateway.url, "/status/200").status == 200
+    assert "no target is up: sending requests to all targets" in gateway.log()
+
+    down_file.unlink()
+    wait_for(lambda: "INFO nexus.health target up " in gateway.log(), 5, message="the target to be marked up")
+    assert send(gateway.url, "/status/200").status == 200
+    wait_for(lambda: "a target is up again" in gateway.log(), 5, message="the worker to stop failing open")
 
 
 def test_slow_upstream_is_504(upstream_factory, gateway_factory):

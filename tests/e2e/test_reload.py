@@ -143,6 +143,29 @@ def test_long_request_finishes_during_reload(upstream_factory, gateway_factory):
     assert wait_gone(old_workers, 10) == []
 
 
+def test_client_that_gave_up_is_logged_plainly(upstream_factory, gateway_factory):
+    # A reload waits while an older generation drains a slow request; a
+    # nexusctl that stops waiting first must leave one log line, no traceback.
+    upstream = upstream_factory("a")
+    gateway = gateway_factory(_config(upstream.url))
+    slow = threading.Thread(target=lambda: get(gateway.addresses[0], "/slow?delay=3", timeout=15))
+    slow.start()
+    time.sleep(0.3)
+    assert signal_and_wait(gateway.log, gateway.process.pid, signal.SIGHUP, (RELOADED, REJECTED)) == RELOADED
+
+    impatient = AdminClient(_admin(gateway).path, timeout=0.5)
+    with pytest.raises(AdminClientError):
+        impatient.call("POST", "/reload")
+    slow.join(20)
+    wait_for(lambda: "admin client left before the response" in gateway.log(), 15, message="the abandoned reload to be logged")
+    assert "Traceback" not in gateway.log()
+    assert admin_generation(gateway) == 3
+
+
+def admin_generation(gateway) -> int:
+    return _admin(gateway).call("GET", "/status")["generation"]
+
+
 def test_invalid_config_changes_nothing(upstream_factory, gateway_factory):
     upstream = upstream_factory("a")
     gateway = gateway_factory(_config(upstream.url))

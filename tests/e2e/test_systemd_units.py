@@ -351,13 +351,33 @@ def test_socket_activation_warns_of_listen_change(socket_dir: Path, upstream_fac
     )
 
     config.write_text(config.read_text().replace(f"127.0.0.1:{port}", "127.0.0.1:1"))
-    reload = run_nexusctl("reload", "--socket", str(socket_dir / "admin.sock"))
-    # The reload goes on with the passed socket, and says that `listen` was not applied.
-    assert reload.returncode == 0, reload.stderr
-    assert "nexusctl: warning: listen changed, but this master serves the sockets systemd passed" in reload.stderr
-    assert "ListenStream=" in reload.stderr
-    assert "reload: listen changed" in master.log()
+    for _ in range(2):
+        reload = run_nexusctl("reload", "--socket", str(socket_dir / "admin.sock"))
+        # The reload goes on with the passed socket, and says that `listen` was not applied.
+        assert reload.returncode == 0, reload.stderr
+        assert f"nexusctl: warning: listen 127.0.0.1:1 differs from the sockets systemd passed (127.0.0.1:{port})" in reload.stderr
+        assert "ListenStream=" in reload.stderr
+    assert master.log().count("reload: listen 127.0.0.1:1 differs") == 2
     assert get(f"127.0.0.1:{port}", "/status/200")[0] == 200
+
+    # Back to the passed address: nothing to warn about.
+    config.write_text(config.read_text().replace("127.0.0.1:1", f"127.0.0.1:{port}"))
+    reload = run_nexusctl("reload", "--socket", str(socket_dir / "admin.sock"))
+    assert reload.returncode == 0, reload.stderr
+    assert "warning" not in reload.stderr
+
+
+def test_unusable_passed_socket_prevents_restart(socket_dir: Path, upstream_factory, start_master) -> None:
+    upstream = upstream_factory("app")
+    passed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    passed.bind(str(socket_dir / "wrong.sock"))
+    passed.listen(8)
+    with passed:
+        master = start_master(write_config(socket_dir, upstream.url), {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}, [passed])
+    status = master.process.wait(30)
+    assert "is not a TCP socket" in master.log()
+    prevented = unit_settings(UNITS / "nexus.service")["Service.RestartPreventExitStatus"][0].split()
+    assert str(status) in prevented, (status, prevented)
 
 
 def test_socket_activation_survives_upgrade(socket_dir: Path, upstream_factory, start_master) -> None:
