@@ -113,8 +113,8 @@ class Names:
 
 # Four bits each in the access record.
 assert len(CACHE_RESULTS) <= 16 and len(LIMIT_RESULTS) <= 16
-_CACHE_IDS = {name: index for index, name in enumerate(CACHE_RESULTS) if name}
-_LIMIT_IDS = {name: index for index, name in enumerate(LIMIT_RESULTS) if name}
+_CACHE_IDS: dict[str | None, int] = {name: index for index, name in enumerate(CACHE_RESULTS) if name}
+_LIMIT_IDS: dict[str | None, int] = {name: index for index, name in enumerate(LIMIT_RESULTS) if name}
 _METHOD_IDS = {name: index for index, name in enumerate(METHODS)}
 
 
@@ -124,7 +124,10 @@ class AccessRecorder:
     def __init__(self, ring: Ring, names: Names) -> None:
         self._push = ring.pusher()
         self._push_access = ring.access_pusher()
-        self._names = names
+        # Bound once: record() runs on every request. None and unknown names get id 0.
+        self._route_ids = names.route_ids
+        self._consumer_ids = {None: 0, **names.consumer_ids}
+        self._target_ids = {None: 0, **names.target_ids}
 
     def record(
         self,
@@ -148,25 +151,24 @@ class AccessRecorder:
         With `request_id_is_trace` the id is not sent: the master writes the
         trace id in its place.
         """
-        names = self._names
         head = (
             ACCESS_KIND
             | (status & 0xFFFF) << 16
-            | names.route_ids.get(route, 0) << 32
-            | (_CACHE_IDS.get(cache, 0) if cache else 0) << 48
-            | (_LIMIT_IDS.get(rate_limit, 0) if rate_limit else 0) << 52
+            | self._route_ids.get(route, 0) << 32
+            | _CACHE_IDS.get(cache, 0) << 48
+            | _LIMIT_IDS.get(rate_limit, 0) << 52
             | _METHOD_IDS.get(method, 0) << 56
         )
-        parties = (names.consumer_ids.get(consumer, 0) if consumer else 0) | (
-            names.target_ids.get(target, 0) if target else 0
-        ) << 32
-        # The usual request id is the trace id, so no text follows the record.
-        text = b"" if request_id_is_trace or not request_id else request_id.encode("ascii", "replace")
-        flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
+        parties = self._consumer_ids.get(consumer, 0) | self._target_ids.get(target, 0) << 32
+        if request_id_is_trace or not request_id:
+            # The usual request: its id is the trace id, so no text follows the record.
+            flags = _ID_IS_TRACE if request_id_is_trace and trace_id else 0
+            return self._push_access(head, started_ns, parties, bytes_sent, duration_ns, upstream_ns, trace_id, flags)
+        text = request_id.encode("ascii", "replace")
         head |= text_parts(text) << 8
-        if not self._push_access(head, started_ns, parties, bytes_sent, duration_ns, upstream_ns, trace_id, flags):
+        if not self._push_access(head, started_ns, parties, bytes_sent, duration_ns, upstream_ns, trace_id, 0):
             return False
-        return not text or push_text(self._push, text)
+        return push_text(self._push, text)
 
 
 def push_with_text(push, head: int, words: tuple[int, ...], text: bytes) -> bool:
