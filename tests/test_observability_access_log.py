@@ -13,11 +13,10 @@ from nexus.observability.access_log import (
     AccessRecorder,
     Names,
     decode,
-    format_lines,
+    drain_batch,
     push_with_text,
-    split,
 )
-from nexus.observability.usage import UsageTable
+from nexus.observability.usage import LATENCY_BOUNDS_US, UsageTable
 from nexus.shm.ring import RingSet
 
 CONFIG = parse_config(
@@ -159,26 +158,23 @@ def test_other_kind_gets_its_text(rings):
     assert len(records) == 1
 
 
-def test_writer_samples_but_keeps_errors(rings, tmp_path):
+def test_sampling_keeps_errors(rings, tmp_path):
     names = Names(CONFIG)
     recorder = AccessRecorder(rings[0], names)
     for status in (200, 502, 200, 500, 200):
         assert record(recorder, status=status, request_id="r")
-    entries = split(rings[0].drain(), 0)
+    raw = rings[0].drain_raw()
+    batch = drain_batch(raw, 0, names, LATENCY_BOUNDS_US, 0.0, always_log_errors=True)
+    assert (batch.records, batch.written) == (5, 2)
     path = tmp_path / "access.log"
     writer = AccessLogWriter(str(path), 0.0, always_log_errors=True)
-    assert writer.write(entries, 0, names) == 2
+    assert writer.write(batch.lines, batch.written) == 2
     writer.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["status"] for line in lines] == [502, 500]
 
-    quiet = AccessLogWriter(str(tmp_path / "none.log"), 0.0, always_log_errors=False)
-    assert quiet.write(entries, 0, names) == 0
-    quiet.close()
-
-    half = AccessLogWriter(str(tmp_path / "half.log"), 0.5, always_log_errors=False)
-    written = sum(half.write(entries, 0, names) for _ in range(400))
-    half.close()
+    assert drain_batch(raw, 0, names, LATENCY_BOUNDS_US, 0.0, always_log_errors=False).written == 0
+    written = sum(drain_batch(raw, 0, names, LATENCY_BOUNDS_US, 0.5, always_log_errors=False).written for _ in range(400))
     assert 800 < written < 1200  # 2000 records at 50%
 
 
@@ -188,11 +184,13 @@ def test_writer_reopens_after_rename(rings, tmp_path):
     path = tmp_path / "access.log"
     writer = AccessLogWriter(str(path), 1.0, always_log_errors=True)
     record(recorder, request_id="before")
-    writer.write(split(rings[0].drain(), 0), 0, names)
+    batch = drain_batch(rings[0].drain_raw(), 0, names, LATENCY_BOUNDS_US)
+    writer.write(batch.lines, batch.written)
     path.rename(tmp_path / "access.log.1")
     writer.reopen()
     record(recorder, request_id="after")
-    writer.write(split(rings[0].drain(), 0), 0, names)
+    batch = drain_batch(rings[0].drain_raw(), 0, names, LATENCY_BOUNDS_US)
+    writer.write(batch.lines, batch.written)
     writer.close()
     assert json.loads((tmp_path / "access.log.1").read_text())["request_id"] == "before"
     assert json.loads(path.read_text())["request_id"] == "after"
@@ -206,7 +204,8 @@ def test_usage_by_consumer_and_route(rings):
     record(recorder, status=429, consumer=None)
     record(recorder, status=503, route="orders", duration_ns=900_000_000)
     table = UsageTable()
-    table.add(split(rings[0].drain(), 0), names)
+    batch = drain_batch(rings[0].drain_raw(), 0, names, LATENCY_BOUNDS_US)
+    table.add(batch.counts, batch.sent, names)
     usage = table.snapshot()
     acme, anonymous = usage["consumers"]
     assert acme["name"] == "acme"

@@ -7,8 +7,9 @@ record per 56 bytes of id. An id the gateway made is the trace id
 (`nexus.headers`), which the access record contains already, so the usual
 request costs one record. A full ring drops the records and counts the drop, so
 the worker never waits either. The master drains the rings every
-`DRAIN_INTERVAL` (`nexus.observability.service`), feeds every record to the
-usage tables and writes the sampled ones to the log.
+`DRAIN_INTERVAL` (`nexus.observability.service`). One pass in C over each
+drain (`drain_batch`) counts every record for the usage tables and formats
+the sampled ones as log lines.
 
 Strings that the config bounds (route, consumer, target URL, method) go
 into the record as small ids, numbered in config order by `Names`; the
@@ -47,14 +48,14 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from functools import cached_property
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 
 from nexus import telemetry
 from nexus.config import Config
 from nexus.observability import _lines
-from nexus.shm.ring import Ring
+from nexus.shm.ring import RECORD_WORDS, Ring
 
 __all__ = [
     "ACCESS_KIND",
@@ -64,12 +65,11 @@ __all__ = [
     "AccessLogWriter",
     "AccessRecord",
     "AccessRecorder",
-    "Entry",
+    "Batch",
     "Names",
     "decode",
-    "format_lines",
+    "drain_batch",
     "push_with_text",
-    "split",
 ]
 
 log = logging.getLogger("nexus.access_log")
@@ -200,10 +200,6 @@ def push_text(push, text: bytes) -> bool:
     return True
 
 
-# One access record as the drain passes it on: the 8 words of the record
-# and the request id text that followed it (b"" for none).
-Entry = tuple[tuple[int, ...], bytes]
-
 # One request decoded into the access log line's fields, in the order they
 # are written, with None for "none":
 #   time (RFC 3339 UTC, microseconds), request_id, trace_id (32 hex digits),
@@ -212,70 +208,57 @@ Entry = tuple[tuple[int, ...], bytes]
 AccessRecord = dict[str, Any]
 
 _ENCODER = msgspec.json.Encoder()
+_RECORD = struct.Struct(f"={RECORD_WORDS}Q")
 
 
-def split(rows: Iterable[tuple[int, ...]], worker: int, others=None) -> list[Entry]:
-    """Gather drained ring rows of one worker into access entries, each record with its text.
+class Batch(NamedTuple):
+    """One drain of one worker's ring, as `drain_batch` returns it."""
 
-    Text records whose head record was dropped are skipped; a record whose
-    text records were dropped keeps what arrived of its text. Records of
-    other kinds go to `others[kind](worker, row, text)` when a handler is
-    registered, and are skipped otherwise.
+    # Access records read.
+    records: int
+    # JSON lines of the sampled access records, and how many.
+    lines: bytes
+    written: int
+    # Access records by (consumer id, route id, status, latency bucket),
+    # and response bytes by (consumer id, route id), for the usage table.
+    counts: dict[tuple[int, int, int, int], int]
+    sent: dict[tuple[int, int], int]
+    # Records of other kinds with the text that followed them: (row, text).
+    others: list[tuple[tuple[int, ...], bytes]]
+
+
+def drain_batch(
+    raw: bytes, worker: int, names: Names, bounds_us: tuple[int, ...], sample: float = 1.0, always_log_errors: bool = True
+) -> Batch:
+    """Read a worker's drained ring records (`Ring.drain_raw`) in one pass.
+
+    The pass runs in C (nexus/observability/native/lines.c): in Python,
+    splitting, counting and formatting cost the master about 3 us a record.
+    A record whose text records were dropped keeps what arrived of its
+    text; text records whose head was dropped are skipped. Lines are
+    written for every access record when `sample` is 1, else for server
+    errors (with `always_log_errors`) and a random share `sample`. An id
+    past the config's names (a record of a newer config than `names`) is
+    written as the string "#id".
     """
-    entries: list[Entry] = []
-    pending: list | None = None  # [head row, parts still expected, text bytes]
-
-    def finish(row: tuple[int, ...], text: bytes) -> None:
-        kind = row[0] & 0xFF
-        if kind == ACCESS_KIND:
-            entries.append((row, text))
-        elif others is not None and kind in others:
-            others[kind](worker, row, text)
-
-    for row in rows:
-        head = row[0]
-        kind = head & 0xFF
-        if kind == TEXT_KIND:
-            if pending is not None and pending[1] > 0:
-                length = min((head >> 8) & 0xFFFF, _TEXT_BYTES)
-                pending[2] += _TEXT_WORDS.pack(*row[1:8])[:length]
-                pending[1] -= 1
-                if pending[1] == 0:
-                    finish(pending[0], pending[2])
-                    pending = None
-            continue
-        if pending is not None:
-            finish(pending[0], pending[2])
-            pending = None
-        parts = (head >> 8) & 0xFF
-        if parts:
-            pending = [row, parts, b""]
-        elif kind == ACCESS_KIND:
-            # The usual record, with no text after it.
-            entries.append((row, b""))
-        else:
-            finish(row, b"")
-    if pending is not None:
-        finish(pending[0], pending[2])
-    return entries
-
-
-def format_lines(entries: list[Entry], worker: int, names: Names) -> bytes:
-    """Return the access log's JSON lines for `entries` of `worker`, named by `names`.
-
-    The formatting runs in C (nexus/observability/native/lines.c): in Python
-    it cost the master about 2.2 us a record. Each line is a JSON object
-    with the fields of `AccessRecord`, in that order. An id past the
-    config's names (a record of a newer config than `names`) is written as
-    the string "#id".
-    """
-    return _lines.format_lines(entries, worker, names.tables)
+    result = _lines.drain_records(
+        raw, worker, names.tables, bounds_us, float(sample), always_log_errors, random.getrandbits(64)
+    )
+    return Batch(*result)
 
 
 def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=None) -> list[AccessRecord]:
-    """Decode drained ring rows of one worker into access records, as the access log writes them."""
-    lines = format_lines(split(rows, worker, others), worker, names)
-    return [msgspec.json.decode(line) for line in lines.splitlines()]
+    """Decode drained ring rows of one worker into access records, as the access log writes them.
+
+    Records of other kinds go to `others[kind](worker, row, text)` when a
+    handler is registered, and are skipped otherwise.
+    """
+    batch = drain_batch(b"".join(_RECORD.pack(*row) for row in rows), worker, names, (), 1.0)
+    for row, text in batch.others:
+        handler = (others or {}).get(row[0] & 0xFF)
+        if handler is not None:
+            handler(worker, row, text)
+    return [msgspec.json.decode(line) for line in batch.lines.splitlines()]
 
 
 def _json_names(names: Sequence[str], size: int = 0) -> tuple[bytes, ...]:
@@ -286,7 +269,7 @@ def _json_names(names: Sequence[str], size: int = 0) -> tuple[bytes, ...]:
 
 
 def _tables(names: Names) -> tuple[tuple[bytes, ...], ...]:
-    """The six name tables that `format_lines` indexes, in its order.
+    """The six name tables that `drain_batch` indexes, in its order.
 
     The result and method tables cover every id their bits can hold. Route,
     consumer and target tables stop at the config's names; the C code writes
@@ -318,7 +301,6 @@ class AccessLogWriter:
         self.write_errors = 0
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
-        self._random = random.Random()
         self._open()
 
     def _open(self) -> None:
@@ -328,19 +310,10 @@ class AccessLogWriter:
         # Not line-buffered: the drain writes and flushes once per batch.
         self._file = open(self.path, "ab")  # noqa: SIM115 - kept open until close()
 
-    def sampled(self, status: int) -> bool:
-        """Return whether a response with `status` goes to the log: an error kept by always_log_errors, or drawn by the sample."""
-        if self.always_log_errors and status >= 500:
-            return True
-        return self.sample >= 1.0 or self._random.random() < self.sample
-
-    def write(self, entries: list[Entry], worker: int, names: Names) -> int:
-        """Write the sampled part of `worker`'s `entries`; return how many lines were written."""
-        if self.sample < 1.0:
-            entries = [entry for entry in entries if self.sampled((entry[0][0] >> 16) & 0xFFFF)]
-        if not entries:
+    def write(self, lines: bytes, count: int) -> int:
+        """Write `count` access log lines (`Batch.lines`); return how many were written."""
+        if not count:
             return 0
-        data = format_lines(entries, worker, names)
         with self._lock:
             if self._file is None:
                 # The file could not be opened again after a failed write;
@@ -348,7 +321,7 @@ class AccessLogWriter:
                 self.write_errors += 1
                 return 0
             try:
-                self._file.write(data)
+                self._file.write(lines)
                 self._file.flush()
             except OSError as exc:
                 self.write_errors += 1
@@ -356,8 +329,8 @@ class AccessLogWriter:
                     log.error("cannot write the access log path=%s: %s (failed batches: %d)", self.path, exc, self.write_errors)
                 self._drop_buffer()
                 return 0
-        self.lines += len(entries)
-        return len(entries)
+        self.lines += count
+        return count
 
     def _drop_buffer(self) -> None:
         """After a failed write, open the file afresh: what stayed in the buffer is lost, and it does not grow."""

@@ -29,10 +29,10 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from nexus.config import Config, parse_listen_address
 from nexus.master_fds import close_in_children, keep_in_children
-from nexus.observability.access_log import AccessLogWriter, Names, split
+from nexus.observability.access_log import AccessLogWriter, Names, drain_batch
 from nexus.observability.exposition import NexusCollector
 from nexus.observability.metrics_http import start_metrics_server
-from nexus.observability.usage import UsageTable
+from nexus.observability.usage import LATENCY_BOUNDS_US, UsageTable
 from nexus.services import AdminError, AdminHandler
 from nexus.shm.metrics import SlotSums, sum_tables
 from nexus.supervision import StartError
@@ -188,14 +188,21 @@ class ObservabilityService:
         return read
 
     def _drain_ring(self, ring, worker: int, names: Names) -> int:
-        rows = ring.drain()
-        if not rows:
+        raw = ring.drain_raw()
+        if not raw:
             return 0
-        entries = split(rows, worker, self.ring_handlers)
-        self.usage.add(entries, names)
-        if self.writer is not None:
-            self.writer.write(entries, worker, names)
-        return len(entries)
+        writer = self.writer
+        # Without a log, no line is wanted: sample nothing, not even errors.
+        sample, errors = (writer.sample, writer.always_log_errors) if writer is not None else (0.0, False)
+        batch = drain_batch(raw, worker, names, LATENCY_BOUNDS_US, sample, errors)
+        for row, text in batch.others:
+            handler = self.ring_handlers.get(row[0] & 0xFF)
+            if handler is not None:
+                handler(worker, row, text)
+        self.usage.add(batch.counts, batch.sent, names)
+        if writer is not None:
+            writer.write(batch.lines, batch.written)
+        return batch.records
 
     def _ring_sources(self) -> dict[tuple[int, int], tuple[Config, Any, range]]:
         """Return the live generations' rings, keyed by (ring set, first slot)."""

@@ -13,12 +13,10 @@ p99 are estimated (each within one bucket, about 19% of the value).
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
-from collections.abc import Iterable
 
-from nexus.observability.access_log import Entry, Names
+from nexus.observability.access_log import Names
 
 __all__ = ["LATENCY_BOUNDS_US", "UsageRow", "UsageTable"]
 
@@ -89,19 +87,12 @@ class UsageTable:
         self.records = 0
         self.started = time.time()
 
-    def add(self, entries: Iterable[Entry], names: Names) -> None:
-        """Count access `entries` whose ids are those of `names`."""
-        # The drain passes thousands of entries a second, most alike: count
-        # them by (consumer id, route id, status, latency bucket) first, then
-        # add each distinct key to its two rows.
-        counts: dict[tuple[int, int, int, int], int] = {}
-        sent: dict[tuple[int, int], int] = {}
-        for (head, _, parties, bytes_sent, durations, _, _, _), _ in entries:
-            parties_key = (parties & 0xFFFF_FFFF, (head >> 32) & 0xFFFF)
-            key = (*parties_key, (head >> 16) & 0xFFFF, bisect.bisect_left(LATENCY_BOUNDS_US, durations & 0xFFFF_FFFF))
-            counts[key] = counts.get(key, 0) + 1
-            sent[parties_key] = sent.get(parties_key, 0) + bytes_sent
+    def add(self, counts: dict[tuple[int, int, int, int], int], sent: dict[tuple[int, int], int], names: Names) -> None:
+        """Count a drain's records (`Batch.counts` and `Batch.sent`), whose ids are those of `names`.
 
+        `counts` maps (consumer id, route id, status, latency bucket) to
+        records, and `sent` maps (consumer id, route id) to response bytes.
+        """
         with self._lock:
             for (consumer, route, status, bucket), count in counts.items():
                 self.records += count

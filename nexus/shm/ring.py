@@ -67,10 +67,14 @@ class Ring:
 
     def drain(self, limit: int | None = None) -> list[tuple[int, ...]]:
         """Consume up to `limit` records (all pending ones by default), oldest first."""
-        raw = _native.ring_drain(self._region, self._offset, self.capacity, self.capacity if limit is None else limit)
+        raw = self.drain_raw(limit)
         if not raw:
             return []
         return list(_RECORD.iter_unpack(raw))
+
+    def drain_raw(self, limit: int | None = None) -> bytes:
+        """Consume up to `limit` records, oldest first, as bytes: 8 native 64-bit words each."""
+        return _native.ring_drain(self._region, self._offset, self.capacity, self.capacity if limit is None else limit)
 
     def counts(self) -> RingCounts:
         return RingCounts(*_native.ring_counts(self._region, self._offset, self.capacity))
