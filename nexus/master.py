@@ -420,7 +420,7 @@ class Master(UpgradeSteps):
         while queued:
             request = queued.popleft()
             if stopping and request.action not in QUICK_ACTIONS:
-                # A request from a signal has no caller to answer, so it is logged.
+                # A request from a signal has no caller to return the error to, so it is logged.
                 log.warning("%s not done: this master is stopping (after an upgrade, ask the new master)", request.action)
                 request.finish(error=AdminError(503, f"the master is stopping, so {request.action} was not done: retry once a master runs"))
             elif request.action in QUICK_ACTIONS or not (quick_only or self._must_wait(request.action)):
@@ -450,10 +450,10 @@ class Master(UpgradeSteps):
         try:
             request.finish(result=handlers[request.action]())
         except AdminError as exc:
-            # A refusal (409: drained, address in use) is logged nowhere else,
+            # A rejection (409: drained, address in use) is logged nowhere else,
             # and a request from a signal has no caller to see it.
             if exc.status == 409:
-                log.warning("%s refused: %s", request.action, exc.message)
+                log.warning("%s rejected: %s", request.action, exc.message)
             request.finish(error=exc)
         except Exception as exc:
             log.exception("%s failed", request.action)

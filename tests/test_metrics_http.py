@@ -1,4 +1,4 @@
-"""The /metrics listener answers GET and HEAD on /metrics, and problems elsewhere."""
+"""The /metrics listener serves GET and HEAD on /metrics, and problem documents elsewhere."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_get_serves_the_registry(server: MetricsServer) -> None:
     assert b"nexus_test_events_total 3.0" in body
 
 
-def test_head_has_the_fields_of_get_and_no_content(server: MetricsServer) -> None:
+def test_head_matches_get_without_body(server: MetricsServer) -> None:
     _, get_body = request(server, "GET", "/metrics")
     response, body = request(server, "HEAD", "/metrics")
     assert response.status == 200
@@ -56,7 +56,9 @@ def test_other_paths_get_a_404_problem(server: MetricsServer, path: str) -> None
     assert response.status == 404
     assert response.getheader("Content-Type") == "application/problem+json"
     problem = json.loads(body)
-    assert problem["status"] == 404 and "/metrics" in problem["detail"] and repr(path) in problem["detail"]
+    assert problem["status"] == 404
+    assert "/metrics" in problem["detail"]
+    assert repr(path) in problem["detail"]
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])

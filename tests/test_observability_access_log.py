@@ -123,7 +123,9 @@ def test_ids_past_the_config_decode_as_numbers(rings):
     [entry] = decode([row], 0, Names(CONFIG))
     assert (entry["route"], entry["consumer"], entry["target"]) == ("#9", "#5", "#77")
     assert (entry["method"], entry["cache"], entry["rate_limit"]) == ("#200", "#15", "#15")
-    assert entry["status"] == 200 and entry["upstream_s"] is None and entry["request_id"] is None
+    assert entry["status"] == 200
+    assert entry["upstream_s"] is None
+    assert entry["request_id"] is None
 
 
 def test_full_ring_drops_and_counts_without_blocking(rings):

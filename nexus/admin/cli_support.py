@@ -135,7 +135,7 @@ def _read_admin_section(config_path: str) -> Admin:
         ) from None
     try:
         admin = convert_section(raw.get("admin") or {}, Admin, "admin")
-        # The same checks as `nexus check`; `listen` is not read, so clashes with it are not.
+        # The same checks as `nexus check`, except clashes with `listen`, which nexusctl does not read.
         _check_admin(admin, [])
     except ConfigError as exc:
         raise ConfigFileError(f"invalid config {config_path}: {exc}; fix it, {bypass}") from None

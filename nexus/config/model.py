@@ -107,7 +107,7 @@ class HealthCheck(_Section):
     unhealthy_after: PositiveInt = 2
     healthy_after: PositiveInt = 2
     # With every target down, send requests to all of them anyway, as nginx
-    # and Envoy's panic mode do, instead of answering 503 to everything.
+    # and Envoy's panic mode do, instead of returning 503 for everything.
     fail_open: bool = True
 
 

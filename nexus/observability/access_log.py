@@ -262,14 +262,14 @@ def decode(rows: Iterable[tuple[int, ...]], worker: int, names: Names, others=No
 
 
 def _json_names(names: Sequence[str], size: int = 0) -> tuple[bytes, ...]:
-    """The JSON of each name (b"null" for ""), then "#index" strings up to `size` entries."""
+    """Return the JSON of each name (b"null" for ""), then "#index" strings up to `size` entries."""
     encoded = [_ENCODER.encode(name) if name else b"null" for name in names]
     encoded.extend(_ENCODER.encode(f"#{index}") for index in range(len(names), size))
     return tuple(encoded)
 
 
 def _tables(names: Names) -> tuple[tuple[bytes, ...], ...]:
-    """The six name tables that `drain_batch` indexes, in its order.
+    """Return the six name tables that `drain_batch` indexes, in its order.
 
     The result and method tables cover every id their bits can hold. Route,
     consumer and target tables stop at the config's names; the C code writes
@@ -286,11 +286,10 @@ def _tables(names: Names) -> tuple[tuple[bytes, ...], ...]:
 
 
 class AccessLogWriter:
-    """Writes sampled access records as JSON lines to a file or stderr, in the master.
+    """The master's access log: a file or stderr that JSON lines are appended to.
 
-    Every response with status 500 or above is written when
-    `always_log_errors` is set; the others with probability `sample`.
-    `reopen()` closes and reopens the file, for logrotate.
+    `sample` and `always_log_errors` are the settings `drain_batch` samples
+    lines with. `reopen()` closes and reopens the file, for logrotate.
     """
 
     def __init__(self, path: str, sample: float, always_log_errors: bool) -> None:

@@ -186,7 +186,7 @@ def sum_tables(tables: list[tuple[MetricLayout, MetricSlots]]) -> SlotSums:
     """Add up every counter and histogram over all worker blocks of all `tables`.
 
     Tables of different layouts (generations before and after a reload)
-    add up key by key; a histogram whose bounds changed keeps the first
+    add up key by key. A histogram whose bounds changed keeps the first
     bounds seen and skips the others.
     """
     sums = SlotSums()

@@ -44,8 +44,8 @@ def test_size_warning_follows_sizes_in_effect(tmp_path, upstream_factory, gatewa
 
 
 def test_upgrade_keeps_the_sizes_in_effect(tmp_path, upstream_factory, gateway_factory):
-    # An upgrade maps the old master's segments: their sizes stay in effect,
-    # whatever the new master's config says.
+    # An upgrade maps the old master's segments, so their sizes stay in
+    # effect whatever sizes the new master's config sets.
     upstream = upstream_factory("app")
     socket = admin_socket_dir(tmp_path) / "a.sock"
     base = obs_config(upstream.url, socket, metrics=False)
@@ -56,6 +56,6 @@ def test_upgrade_keeps_the_sizes_in_effect(tmp_path, upstream_factory, gateway_f
     assert "on upgrade" in gateway.log()
     assert f"nexusctl: warning: {WARNING}" in nexusctl("reload", socket)
 
-    # The new master knows the 64 MiB default is in effect.
+    # The new master took over the 64 MiB default as the size in effect.
     gateway.config_path.write_text(base)
     assert WARNING not in nexusctl("reload", socket)

@@ -320,6 +320,20 @@ def passed_listener() -> socket.socket:
     return sock
 
 
+def start_activated(socket_dir: Path, upstream_url: str, start_master) -> tuple[Master, int, Path]:
+    """Start a master on a passed listening socket whose address `listen` names; return it, the port and the config."""
+    passed = passed_listener()
+    port = passed.getsockname()[1]
+    # As docs/operations.md requires, `listen` names the addresses of nexus.socket.
+    config = write_config(socket_dir, upstream_url, listen=f"127.0.0.1:{port}")
+    with passed:
+        master = start_master(config, {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}, [passed])
+    wait_for(
+        lambda: len(master.worker_pids()) == 2 or master.process.poll() is not None, 20, message="2 workers serving"
+    )
+    return master, port, config
+
+
 def test_socket_activation_serves_passed_socket(socket_dir: Path, upstream_factory, start_master) -> None:
     upstream = upstream_factory("app")
     passed = passed_listener()
@@ -340,20 +354,12 @@ def test_socket_activation_serves_passed_socket(socket_dir: Path, upstream_facto
 
 
 def test_socket_activation_warns_of_listen_change(socket_dir: Path, upstream_factory, start_master) -> None:
-    upstream = upstream_factory("app")
-    passed = passed_listener()
-    port = passed.getsockname()[1]
-    config = write_config(socket_dir, upstream.url, listen=f"127.0.0.1:{port}")
-    with passed:
-        master = start_master(config, {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}, [passed])
-    wait_for(
-        lambda: len(master.worker_pids()) == 2 or master.process.poll() is not None, 20, message="2 workers serving"
-    )
+    master, port, config = start_activated(socket_dir, upstream_factory("app").url, start_master)
 
     config.write_text(config.read_text().replace(f"127.0.0.1:{port}", "127.0.0.1:1"))
     for _ in range(2):
         reload = run_nexusctl("reload", "--socket", str(socket_dir / "admin.sock"))
-        # The reload goes on with the passed socket, and says that `listen` was not applied.
+        # The reload goes on with the passed socket and warns that `listen` was not applied.
         assert reload.returncode == 0, reload.stderr
         assert f"nexusctl: warning: listen 127.0.0.1:1 differs from the sockets systemd passed (127.0.0.1:{port})" in reload.stderr
         assert "ListenStream=" in reload.stderr
@@ -382,16 +388,7 @@ def test_unusable_passed_socket_prevents_restart(socket_dir: Path, upstream_fact
 
 def test_socket_activation_survives_upgrade(socket_dir: Path, upstream_factory, start_master) -> None:
     """After an upgrade the new master serves the passed socket, received from the old master."""
-    upstream = upstream_factory("app")
-    passed = passed_listener()
-    port = passed.getsockname()[1]
-    # As docs/operations.md requires, `listen` names the addresses of nexus.socket.
-    config = write_config(socket_dir, upstream.url, listen=f"127.0.0.1:{port}")
-    with passed:
-        master = start_master(config, {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}, [passed])
-    wait_for(
-        lambda: len(master.worker_pids()) == 2 or master.process.poll() is not None, 20, message="2 workers serving"
-    )
+    master, port, _ = start_activated(socket_dir, upstream_factory("app").url, start_master)
     assert "using passed socket fd=3" in master.log()
 
     result = run_nexusctl("upgrade", "--socket", str(socket_dir / "admin.sock"), "--json")

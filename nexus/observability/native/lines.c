@@ -6,7 +6,7 @@
  * formatting the lines cost about 3 us a record, which at 10,000 requests a
  * second is 3% of a CPU taken from the workers it shares the machine with.
  * This pass does it in about 0.25 us. The record layout and what a line
- * holds are described in nexus/observability/access_log.py, whose
+ * contains are described in nexus/observability/access_log.py, whose
  * `drain_batch` is the only caller.
  */
 #define PY_SSIZE_T_CLEAN
